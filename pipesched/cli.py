@@ -1,0 +1,166 @@
+"""`pipesched` command line. Exit codes: 0 ok, 1 invalid schedule or deadlock, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipesched._common import FormatError, PipeschedError, ValidationError
+from pipesched._io import load, validate
+from pipesched.pipeline import (
+    DeadlockError,
+    PipelineInstance,
+    PipelineSchedule,
+    format_grid,
+    gantt,
+    load_program,
+    save_chrome_trace,
+    simulate,
+    torch_csv,
+)
+
+EXIT_INVALID, EXIT_BAD_INPUT = 1, 2
+
+
+def _validate(args: argparse.Namespace) -> int:
+    code = 0
+    for path in args.files:
+        try:
+            check = validate(load(path))
+            print(f"OK       {path}: {check.kind}: {check.summary}")
+        except FormatError as e:
+            print(f"MALFORMED {e}")
+            code = EXIT_BAD_INPUT
+        except ValidationError as e:
+            print(f"INVALID  {path}: {e}")
+            code = max(code, EXIT_INVALID)
+    return code
+
+
+def _load_schedule(path: str) -> PipelineSchedule:
+    schedule = load(path)
+    if not isinstance(schedule, PipelineSchedule):
+        raise FormatError(f"{path}: format: expected a pipeline schedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def _show_outputs(schedule: PipelineSchedule, args: argparse.Namespace) -> None:
+    print(format_grid(schedule, args.width))
+    if args.png:
+        print(f"wrote {gantt(schedule, args.png)}")
+    if args.trace:
+        print(f"wrote {save_chrome_trace(schedule, args.trace)} (open it in ui.perfetto.dev)")
+
+
+def _show(args: argparse.Namespace) -> int:
+    schedule = _load_schedule(args.schedule)
+    validate(schedule)
+    _show_outputs(schedule, args)
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    instance = PipelineInstance.load(args.instance)
+    result = simulate(instance, load_program(args.program))
+    _show_outputs(result.schedule, args)
+    peaks = ", ".join(f"{p:g}" for p in result.memory.peaks)
+    print(f"peak memory per device [{peaks}]; "
+          + ("fits the memory limit" if result.fits_memory else "EXCEEDS the memory limit"))
+    if args.out:
+        result.schedule.save(args.out)
+        print(f"wrote {args.out}")
+    return 0 if result.fits_memory else EXIT_INVALID
+
+
+def _export(args: argparse.Namespace) -> int:
+    schedule = _load_schedule(args.schedule)
+    validate(schedule)
+    Path(args.out).write_text(torch_csv(schedule))
+    print(f"wrote {args.out}")
+    return 0
+
+
+SOLVE_KINDS = ("pipeline", "remat", "placement")
+
+
+def _solve(args: argparse.Namespace) -> int:
+    from pipesched import solvers
+
+    solve: Callable = getattr(solvers, f"solve_{args.kind}")
+    instance = load(args.instance)
+    expected = {"pipeline": "PipelineInstance", "remat": "RematInstance", "placement": "PlacementInstance"}
+    if type(instance).__name__ != expected[args.kind]:
+        raise FormatError(f"{args.instance}: format: expected a {args.kind} instance, got {type(instance).__name__}")
+    result = solve(instance, solver=args.solver, time_limit=args.time_limit, workers=args.workers,
+                   seed=args.seed, progress=not args.quiet)
+    check = validate(result.schedule)
+    print(f"{args.kind} {args.solver}: {check.summary} ({result.solve_time:.2f} s)")
+    if args.out:
+        result.schedule.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipesched", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate instance / schedule / placement files of any kind")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(run=_validate)
+
+    def view_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--png", help="write a Gantt chart with memory curves (.png or .pdf)")
+        p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON")
+        p.add_argument("--width", type=int, default=120, help="max columns of the text grid")
+
+    p = sub.add_parser("show", help="print a pipeline schedule as a grid; optional chart and trace")
+    p.add_argument("schedule")
+    view_options(p)
+    p.set_defaults(run=_show)
+
+    p = sub.add_parser("simulate", help="time a per-device program (CSV, one row per device)")
+    p.add_argument("instance")
+    p.add_argument("program")
+    p.add_argument("--out", help="write the timed schedule (formats.md 1.2)")
+    view_options(p)
+    p.set_defaults(run=_simulate)
+
+    p = sub.add_parser("export", help="export a schedule to another tool's format")
+    p.add_argument("target", choices=["torch"], help="torch: torch.distributed.pipelining compute-only CSV")
+    p.add_argument("schedule")
+    p.add_argument("out")
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("solve", help="solve a pipeline, remat or placement instance")
+    p.add_argument("kind", choices=SOLVE_KINDS)
+    p.add_argument("instance")
+    p.add_argument("--solver", default="greedy", help="solver name (see the README for each kind's list)")
+    p.add_argument("--time-limit", type=float, default=30.0, help="seconds (CP-SAT and other anytime solvers)")
+    p.add_argument("--workers", type=int, default=2, help="CP-SAT search workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the result file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_solve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except FormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ValidationError, DeadlockError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except PipeschedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Pipeline-parallel training schedules: formats.md section 1."""
+
+from pipesched.pipeline._model import INSTANCE_FORMAT, OP_KINDS, SCHEDULE_FORMAT, Op, PipelineInstance, PipelineSchedule, Stage
+from pipesched.pipeline._program import (
+    Action,
+    BlockedAction,
+    DeadlockError,
+    Program,
+    Simulation,
+    check_program,
+    format_program_csv,
+    load_program,
+    make_program,
+    parse_program_csv,
+    predecessors,
+    program_of,
+    simulate,
+)
+from pipesched.pipeline._validate import MemoryTimeline, PipelineReport, memory_timeline, validate_pipeline
+from pipesched.pipeline._view import chrome_trace, format_grid, gantt, save_chrome_trace, torch_csv
+
+__all__ = [
+    "INSTANCE_FORMAT", "OP_KINDS", "SCHEDULE_FORMAT", "Action", "BlockedAction", "DeadlockError",
+    "MemoryTimeline", "Op", "PipelineInstance", "PipelineReport", "PipelineSchedule", "Program",
+    "Simulation", "Stage", "check_program", "chrome_trace", "format_grid", "format_program_csv", "gantt",
+    "load_program", "make_program", "memory_timeline", "parse_program_csv", "predecessors", "program_of",
+    "save_chrome_trace", "simulate", "torch_csv", "validate_pipeline",
+]

@@ -1,0 +1,288 @@
+"""Pipeline-parallel training (formats.md section 1): instance, operation, schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+from pipesched._common import (
+    JsonFile,
+    EMPTY_STATUSES,
+    FormatError,
+    as_bool,
+    as_int,
+    as_list,
+    as_mapping,
+    as_number,
+    as_str,
+    check_format,
+    need,
+    optional,
+    read_result_fields,
+)
+
+INSTANCE_FORMAT = "pipesched.pipeline-instance/1"
+SCHEDULE_FORMAT = "pipesched.pipeline-schedule/1"
+OP_KINDS = ("F", "B", "W", "R")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One model stage: where it runs, its op durations and its activation memory."""
+
+    device: int
+    F: float
+    B: float
+    W: float
+    activation: float
+    wgrad_stash: float = 0
+    R: float | None = None  # None: same as F
+    checkpoint: float = 0
+
+    def __post_init__(self) -> None:
+        if self.R is None:
+            object.__setattr__(self, "R", self.F)
+
+    def duration(self, op: str) -> float:
+        return getattr(self, op)
+
+    def check(self, key: str, num_devices: int, allow_remat: bool) -> None:
+        as_int(self.device, f"{key}.device", lo=0, hi=num_devices)
+        for name in ("F", "B", "W", "activation", "wgrad_stash", "R", "checkpoint"):
+            as_number(getattr(self, name), f"{key}.{name}")
+        for name in ("wgrad_stash", "checkpoint"):
+            if getattr(self, name) > self.activation:
+                raise FormatError(f"{key}.{name}: must be <= activation ({self.activation}), "
+                                  f"got {getattr(self, name)}")
+        if allow_remat and self.F <= 0:
+            raise FormatError(f"{key}.F: must be > 0 when allow_remat is true, got {self.F}")
+
+    @classmethod
+    def from_dict(cls, obj: Any, key: str) -> Stage:
+        obj = as_mapping(obj, key)
+        return cls(
+            device=need(obj, "device", key),
+            F=need(obj, "F", key), B=need(obj, "B", key), W=need(obj, "W", key),
+            activation=need(obj, "activation", key),
+            wgrad_stash=optional(obj, "wgrad_stash", 0),
+            R=obj.get("R"),
+            checkpoint=optional(obj, "checkpoint", 0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineInstance(JsonFile):
+    """P devices, M microbatches, S stages placed on devices; comm delays and memory limits."""
+
+    num_devices: int
+    num_microbatches: int
+    stages: tuple[Stage, ...]
+    comm: float | tuple[float, ...] = 0
+    memory_limit: float | tuple[float, ...] | None = None
+    split_backward: bool = False
+    allow_remat: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+        if isinstance(self.comm, list):
+            object.__setattr__(self, "comm", tuple(self.comm))
+        if isinstance(self.memory_limit, list):
+            object.__setattr__(self, "memory_limit", tuple(self.memory_limit))
+        P = as_int(self.num_devices, "num_devices", lo=1)
+        as_int(self.num_microbatches, "num_microbatches", lo=1)
+        as_list(self.stages, "stages", nonempty=True)
+        as_bool(self.split_backward, "split_backward")
+        as_bool(self.allow_remat, "allow_remat")
+        for s, stage in enumerate(self.stages):
+            if not isinstance(stage, Stage):
+                raise FormatError(f"stages[{s}]: expected a Stage, got {type(stage).__name__}")
+            stage.check(f"stages[{s}]", P, self.allow_remat)
+        _check_scalar_or_list(self.comm, "comm", len(self.stages) - 1)
+        if self.memory_limit is not None:
+            _check_scalar_or_list(self.memory_limit, "memory_limit", P)
+        if self.name is not None:
+            as_str(self.name, "name")
+
+    # ---- derived views ---------------------------------------------------------------------
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def comm_after(self, s: int) -> float:
+        """Delay across the boundary s|s+1 (0 when both stages share a device)."""
+        if self.stages[s].device == self.stages[s + 1].device:
+            return 0
+        return self.comm[s] if isinstance(self.comm, tuple) else self.comm
+
+    def limit(self, device: int) -> float | None:
+        if self.memory_limit is None or not isinstance(self.memory_limit, tuple):
+            return self.memory_limit
+        return self.memory_limit[device]
+
+    @functools.cached_property
+    def stages_of_device(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(s for s, st in enumerate(self.stages) if st.device == d)
+                     for d in range(self.num_devices))
+
+    @property
+    def backward_ops(self) -> tuple[str, ...]:
+        """The ops every (stage, microbatch) must run besides F."""
+        return ("B", "W") if self.split_backward else ("B",)
+
+    def duration(self, op: str, stage: int) -> float:
+        return self.stages[stage].duration(op)
+
+    def freed_by_B(self, s: int) -> float:
+        """Memory B(s, m) releases at its end (formats.md 1.2 rule 5)."""
+        st = self.stages[s]
+        return st.activation - st.wgrad_stash if self.split_backward else st.activation
+
+    def replace(self, **changes: Any) -> PipelineInstance:
+        return dataclasses.replace(self, **changes)
+
+    # ---- JSON ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, obj: Any, *, embedded: bool = False) -> PipelineInstance:
+        obj = as_mapping(obj, "instance" if embedded else "<root>")
+        check_format(obj, INSTANCE_FORMAT, required=not embedded)
+        stages = as_list(need(obj, "stages", ""), "stages", nonempty=True)
+        return cls(
+            num_devices=need(obj, "num_devices", ""),
+            num_microbatches=need(obj, "num_microbatches", ""),
+            stages=tuple(Stage.from_dict(st, f"stages[{s}]") for s, st in enumerate(stages)),
+            comm=need(obj, "comm", ""),
+            memory_limit=need(obj, "memory_limit", ""),
+            split_backward=need(obj, "split_backward", ""),
+            allow_remat=optional(obj, "allow_remat", False),
+            name=obj.get("name"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"format": INSTANCE_FORMAT}
+        if self.name is not None:
+            d["name"] = self.name
+        d.update(
+            num_devices=self.num_devices, num_microbatches=self.num_microbatches,
+            stages=[st.to_dict() for st in self.stages],
+            comm=list(self.comm) if isinstance(self.comm, tuple) else self.comm,
+            memory_limit=list(self.memory_limit) if isinstance(self.memory_limit, tuple) else self.memory_limit,
+            split_backward=self.split_backward, allow_remat=self.allow_remat,
+        )
+        return d
+
+
+def _check_scalar_or_list(value: Any, key: str, length: int) -> None:
+    if isinstance(value, tuple):
+        if len(value) != length:
+            raise FormatError(f"{key}: expected a number or a list of {length} numbers, got {len(value)}")
+        for i, v in enumerate(value):
+            as_number(v, f"{key}[{i}]")
+    else:
+        as_number(value, key)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Op:
+    """One timed operation: `op` in F/B/W/R of (stage, microbatch) from `start` to `end`."""
+
+    start: float
+    end: float
+    op: str
+    stage: int
+    microbatch: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.op, self.stage, self.microbatch)
+
+    @property
+    def name(self) -> str:
+        """Compact PyTorch-style name: `2F0` = forward of stage 2, microbatch 0."""
+        return f"{self.stage}{self.op}{self.microbatch}"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSchedule(JsonFile):
+    """A pipeline schedule result file (formats.md 1.2)."""
+
+    instance: PipelineInstance
+    ops: tuple[Op, ...]
+    makespan: float
+    lower_bound: float | None
+    status: str
+    solver: str
+    solve_time_s: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        S, M = self.instance.num_stages, self.instance.num_microbatches
+        for i, op in enumerate(self.ops):
+            key = f"ops[{i}]"
+            if op.op not in OP_KINDS:
+                raise FormatError(f"{key}.op: expected one of F, B, W, R; got {op.op!r}")
+            as_int(op.stage, f"{key}.stage", lo=0, hi=S)
+            as_int(op.microbatch, f"{key}.microbatch", lo=0, hi=M)
+            as_number(op.start, f"{key}.start", nonneg=False)
+            as_number(op.end, f"{key}.end", nonneg=False)
+
+    @classmethod
+    def from_ops(cls, instance: PipelineInstance, ops: list[Op] | tuple[Op, ...], *,
+                 lower_bound: float | None, status: str, solver: str, solve_time_s: float
+                 ) -> PipelineSchedule:
+        ops = tuple(sorted(ops))
+        makespan = max((op.end for op in ops), default=0)
+        return cls(instance, ops, makespan, lower_bound, status, solver, solve_time_s)
+
+    @classmethod
+    def empty(cls, instance: PipelineInstance, *, status: str, lower_bound: float | None, solver: str,
+              solve_time_s: float) -> PipelineSchedule:
+        assert status in EMPTY_STATUSES
+        return cls(instance, (), 0, lower_bound, status, solver, solve_time_s)
+
+    def device_of(self, op: Op) -> int:
+        return self.instance.stages[op.stage].device
+
+    def ops_of_device(self, device: int) -> list[Op]:
+        """The device's ops in execution order (start time, then end time)."""
+        return sorted((op for op in self.ops if self.device_of(op) == device),
+                      key=lambda o: (o.start, o.end, o.stage, o.microbatch))
+
+    @property
+    def rematerialized(self) -> frozenset[tuple[int, int]]:
+        return frozenset((op.stage, op.microbatch) for op in self.ops if op.op == "R")
+
+    # ---- JSON ------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, obj: Any) -> PipelineSchedule:
+        obj = as_mapping(obj, "<root>")
+        check_format(obj, SCHEDULE_FORMAT)
+        instance = PipelineInstance.from_dict(need(obj, "instance", ""), embedded=True)
+        ops = []
+        for i, raw in enumerate(as_list(need(obj, "ops", ""), "ops")):
+            key = f"ops[{i}]"
+            raw = as_mapping(raw, key)
+            kind = as_str(need(raw, "op", key), f"{key}.op")
+            stage = as_int(need(raw, "stage", key), f"{key}.stage", lo=0, hi=instance.num_stages)
+            if raw.get("device") is not None and raw["device"] != instance.stages[stage].device:
+                raise FormatError(f"{key}.device: stage {stage} is on device "
+                                  f"{instance.stages[stage].device}, got {raw['device']!r}")
+            ops.append(Op(start=need(raw, "start", key), end=need(raw, "end", key), op=kind,
+                          stage=stage, microbatch=need(raw, "microbatch", key)))
+        return cls(instance=instance, ops=tuple(ops), **read_result_fields(obj, "makespan"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCHEDULE_FORMAT,
+            "instance": self.instance.to_dict(),
+            "ops": [{"op": op.op, "stage": op.stage, "microbatch": op.microbatch,
+                     "device": self.device_of(op), "start": op.start, "end": op.end} for op in self.ops],
+            "makespan": self.makespan, "lower_bound": self.lower_bound, "status": self.status,
+            "solver": self.solver, "solve_time_s": self.solve_time_s,
+        }
+
+

@@ -1,0 +1,23 @@
+"""The one result type every solver entry point returns (PyJobShop-style)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+
+class Result(NamedTuple):
+    """What `solve_*` returns. `schedule` is the formats.md result object (PipelineSchedule,
+    RematSchedule or Placement); the other fields repeat its headline figures."""
+
+    schedule: Any
+    objective: float
+    lower_bound: float | None
+    status: str
+    solve_time: float
+
+    @classmethod
+    def of(cls, schedule: Any) -> Result:
+        objective = getattr(schedule, "makespan", None)
+        if objective is None:
+            objective = schedule.cost
+        return cls(schedule, objective, schedule.lower_bound, schedule.status, schedule.solve_time_s)
