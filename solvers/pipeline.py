@@ -1,0 +1,152 @@
+"""`solve_pipeline`: one entry point for named schedules, the greedy list scheduler and CP-SAT.
+
+Every result goes through the project's validator before it is returned, carries the best proven
+lower bound (combinatorial bounds of `pipesched.pipeline.bounds`, and CP-SAT's bound when its
+model is exact), and says "optimal" only when the makespan meets that bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tqdm import tqdm
+
+from pipesched._common import FormatError, PipeschedError, approx_le
+from pipesched.pipeline import (
+    Action,
+    PipelineInstance,
+    PipelineSchedule,
+    Program,
+    Simulation,
+    simulate,
+    validate_pipeline,
+)
+from pipesched.pipeline import zoo
+from pipesched.pipeline.bounds import infeasible_devices, lower_bound
+from pipesched.solvers._pipeline_cpsat import solve_cpsat
+from pipesched.solvers._pipeline_greedy import REMAT_MODES, list_schedule, make_rules
+from pipesched.solvers._result import Result
+
+PIPELINE_SOLVERS = ("cpsat", "greedy", *zoo.ZOO)
+CPSAT_MAX_OPS = 20_000  # above this many ops the model is too large to pay off; greedy answers
+
+
+class MemoryLimitError(PipeschedError):
+    """A named schedule that does not fit the instance's memory limit."""
+
+
+def infeasibility_proof(instance: PipelineInstance) -> str | None:
+    """Why no valid schedule exists (None when one does); see bounds.min_memory_need."""
+    bad = infeasible_devices(instance)
+    if not bad:
+        return None
+    return "; ".join(f"device {d} needs at least {need:g} memory (one microbatch's activations"
+                     f"{' with every stage rematerialized' if instance.allow_remat else ''}) > limit {limit:g}"
+                     for d, need, limit in bad)
+
+
+def sequential_program(instance: PipelineInstance) -> Program:
+    """One microbatch at a time through every stage (rematerializing everything but the last
+    stage when allowed): the least-memory schedule, feasible whenever any schedule is."""
+    rows: list[list[Action]] = [[] for _ in range(instance.num_devices)]
+    S = instance.num_stages
+    for m in range(instance.num_microbatches):
+        order = [Action(s, "F", m) for s in range(S)]
+        for s in reversed(range(S)):
+            if instance.allow_remat and s < S - 1:
+                order.append(Action(s, "R", m))
+            order.append(Action(s, "B", m))
+            if instance.split_backward:
+                order.append(Action(s, "W", m))
+        for a in order:
+            rows[instance.stages[a.stage].device].append(a)
+    return tuple(tuple(r) for r in rows)
+
+
+def greedy_candidates(instance: PipelineInstance) -> list[Simulation]:
+    """Every priority rule x remat mode of the list scheduler, simulated; the ones that fit."""
+    modes = REMAT_MODES if instance.allow_remat else ("never",)
+    out = []
+    for rule in make_rules(instance):
+        for mode in modes:
+            program = list_schedule(instance, rule, remat=mode)
+            if program is not None:
+                result = simulate(instance, program, solver="greedy")
+                if result.fits_memory:
+                    out.append(result)
+    if not out:
+        out.append(simulate(instance, sequential_program(instance), solver="greedy"))
+    return out
+
+
+def zoo_candidates(instance: PipelineInstance) -> list[Simulation]:
+    """Every named schedule that supports the instance and fits its memory limit."""
+    out = []
+    for name in zoo.ZOO:
+        if zoo.supports(name, instance):
+            result = zoo.zoo_schedule(instance, name)
+            if result.fits_memory:
+                out.append(result)
+    return out
+
+
+def _finish(schedule: PipelineSchedule, solver: str, bound: float, t0: float) -> Result:
+    status = "optimal" if approx_le(schedule.makespan, bound) else "feasible"
+    final = PipelineSchedule(schedule.instance, schedule.ops, schedule.makespan,
+                             min(bound, schedule.makespan) if status == "optimal" else bound, status, solver,
+                             time.perf_counter() - t0)
+    validate_pipeline(final)
+    return Result.of(final)
+
+
+def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_limit: float = 30.0,
+                   workers: int = 2, seed: int = 0, progress: bool = False) -> Result:
+    """Schedule `instance` with `solver` (one of PIPELINE_SOLVERS).
+
+    - a zoo name: that named schedule, timed by the simulator; raises MemoryLimitError if it does
+      not fit the memory limit and FormatError if it does not support the placement;
+    - "greedy": the best of every list-scheduling rule and remat mode;
+    - "cpsat": CP-SAT warm-started from the best greedy or zoo schedule (never worse than any of
+      them), for at most `time_limit` seconds in all.
+    An instance whose memory limits no schedule can meet returns status "infeasible" (no ops;
+    `infeasibility_proof` says why).
+    """
+    t0 = time.perf_counter()
+    if solver not in PIPELINE_SOLVERS:
+        raise FormatError(f"solver: unknown pipeline solver {solver!r}; choose one of {', '.join(PIPELINE_SOLVERS)}")
+    if infeasibility_proof(instance) is not None:
+        return Result.of(PipelineSchedule.empty(instance, status="infeasible", lower_bound=None, solver=solver,
+                                                solve_time_s=time.perf_counter() - t0))
+    bound = lower_bound(instance)
+    if solver in zoo.ZOO:
+        result = zoo.zoo_schedule(instance, solver)
+        if not result.fits_memory:
+            worst = max(range(instance.num_devices), key=lambda d: result.memory.peaks[d] - (instance.limit(d) or 0))
+            raise MemoryLimitError(f"{solver} does not fit the memory limit: peak {result.memory.peaks[worst]:g} "
+                                   f"> limit {instance.limit(worst):g} on device {worst}")
+        return _finish(result.schedule, solver, bound, t0)
+    candidates = greedy_candidates(instance)
+    if solver == "greedy":
+        return _finish(min(candidates, key=lambda r: r.schedule.makespan).schedule, "greedy", bound, t0)
+
+    candidates += zoo_candidates(instance)
+    best = min(candidates, key=lambda r: r.schedule.makespan).schedule
+    ops = instance.num_stages * instance.num_microbatches * (1 + len(instance.backward_ops) + instance.allow_remat)
+    if approx_le(best.makespan, bound) or ops > CPSAT_MAX_OPS:
+        return _finish(best, "cpsat", bound, t0)
+    with tqdm(total=None, desc="cpsat", unit=" solutions", disable=not progress, leave=False) as bar:
+        def on_solution(objective: float, proven: float) -> None:
+            bar.set_postfix(makespan=f"{objective:g}", bound=f"{max(proven, bound):g}")
+            bar.update()
+
+        outcome = solve_cpsat(instance, hint=best, lower_bound=bound,
+                              time_limit=time_limit - (time.perf_counter() - t0),
+                              workers=workers, seed=seed, on_solution=on_solution)
+    if outcome.bound is not None:
+        bound = max(bound, outcome.bound)
+    if outcome.program is not None:
+        found = simulate(instance, outcome.program, solver="cpsat")
+        if found.fits_memory and found.schedule.makespan < best.makespan:
+            best = found.schedule
+    return _finish(best, "cpsat", bound, t0)
+
