@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipesched._common import FormatError, PipeschedError, ValidationError
 from pipesched._io import load, validate
+from pipesched.solvers import MemoryLimitError
 from pipesched.pipeline import (
     DeadlockError,
     PipelineInstance,
@@ -97,9 +98,70 @@ def _solve(args: argparse.Namespace) -> int:
                    seed=args.seed, progress=not args.quiet)
     check = validate(result.schedule)
     print(f"{args.kind} {args.solver}: {check.summary} ({result.solve_time:.2f} s)")
+    if result.status == "infeasible" and args.kind == "pipeline":
+        print(f"infeasible: {solvers.infeasibility_proof(instance)}")
     if args.out:
         result.schedule.save(args.out)
         print(f"wrote {args.out}")
+    return 0
+
+
+def _placement_for(solver: str, devices: int) -> tuple[int, ...]:
+    """The stage placement a named schedule needs (one stage per device otherwise)."""
+    from pipesched.pipeline import zoo
+
+    if solver in ("interleaved-1f1b", "looped-bfs"):
+        return zoo.interleaved_placement(devices, 2)
+    if solver in ("zb-v", "v-half", "v-min", "dualpipe-v"):
+        return zoo.v_placement(devices)
+    return zoo.linear_placement(devices)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import jax
+
+    if args.devices < 1:
+        raise FormatError(f"--devices: must be >= 1, got {args.devices}")
+    jax.config.update("jax_num_cpu_devices", args.devices)  # CPU only; before the backend starts
+    from pipesched import executor
+    from pipesched._common import write_json
+    from pipesched.solvers import solve_pipeline
+
+    config = executor.ModelConfig(args.model)
+    if args.schedule:
+        schedule = _load_schedule(args.schedule)
+        validate(schedule)
+        inst = schedule.instance
+        if inst.num_devices != args.devices:
+            raise FormatError(f"{args.schedule}: instance.num_devices: the schedule is for {inst.num_devices} "
+                              f"devices, --devices is {args.devices}")
+        timing = executor.profile_instance(config, [st.device for st in inst.stages], inst.num_microbatches,
+                                           split_backward=inst.split_backward, allow_remat=inst.allow_remat)
+        name = args.schedule
+    else:
+        placement = _placement_for(args.solver, args.devices)
+        timing = executor.profile_instance(config, placement, args.microbatches or 2 * args.devices,
+                                           split_backward=args.split_backward, allow_remat=args.allow_remat)
+        if args.memory_limit is not None:
+            timing = timing.replace(memory_limit=tuple(
+                args.memory_limit * sum(timing.stages[s].activation for s in stages)
+                for stages in timing.stages_of_device))
+        result = solve_pipeline(timing, args.solver, time_limit=args.time_limit, progress=True)
+        if result.status == "infeasible":
+            from pipesched.solvers import infeasibility_proof
+
+            raise FormatError(f"--memory-limit: infeasible: {infeasibility_proof(timing)}")
+        schedule, name = result.schedule, args.solver
+        print(f"solved {timing.name} with {args.solver}: makespan {result.objective:g} us, "
+              f"lower bound {result.lower_bound:g} us, {result.status}")
+    report = executor.run(schedule, model=config, steps=args.steps, timing=timing, schedule_name=name,
+                          progress=True)
+    write_json(report, args.report)
+    times = sorted(report["step_time_s"])
+    median = times[len(times) // 2] if times else float("nan")
+    print(f"loss {report['loss']:.6f} (reference {report['reference_loss']:.6f}), max |grad error| "
+          f"{report['max_abs_grad_error']:.2e}; median step {median * 1e3:.2f} ms, predicted "
+          f"{report['predicted_step_time_s'] * 1e3:.2f} ms; wrote {args.report}")
     return 0
 
 
@@ -144,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_solve)
+
+    p = sub.add_parser("run", help="run a pipeline schedule with the JAX executor; write a run report")
+    p.add_argument("--model", choices=["gpt-tiny", "mlp"], default="gpt-tiny")
+    p.add_argument("--devices", type=int, required=True, help="pipeline devices P (P host devices on CPU)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--schedule", help="a pipeline schedule file for P devices")
+    source.add_argument("--solver", help="profile the model, solve with this solver, run the result")
+    p.add_argument("--memory-limit", type=float, help="with --solver: activations per device (K microbatches)")
+    p.add_argument("--microbatches", type=int, help="with --solver: M (default 2P)")
+    p.add_argument("--split-backward", action="store_true", help="with --solver: split B and W")
+    p.add_argument("--allow-remat", action="store_true", help="with --solver: allow recomputation")
+    p.add_argument("--time-limit", type=float, default=10.0, help="with --solver: seconds")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps")
+    p.add_argument("--report", required=True, help="run report to write (formats.md section 4)")
+    p.set_defaults(run=_run)
     return parser
 
 
@@ -154,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ValidationError, DeadlockError) as e:
+    except (ValidationError, DeadlockError, MemoryLimitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
     except PipeschedError as e:

@@ -29,6 +29,7 @@ from pipesched.solvers._result import Result
 
 PIPELINE_SOLVERS = ("cpsat", "greedy", *zoo.ZOO)
 CPSAT_MAX_OPS = 20_000  # above this many ops the model is too large to pay off; greedy answers
+LARGE_OPS = 20_000  # above this many ops greedy tries only its two strongest rules
 
 
 class MemoryLimitError(PipeschedError):
@@ -63,11 +64,18 @@ def sequential_program(instance: PipelineInstance) -> Program:
     return tuple(tuple(r) for r in rows)
 
 
+def _num_ops(instance: PipelineInstance) -> int:
+    return instance.num_stages * instance.num_microbatches * (1 + len(instance.backward_ops) + instance.allow_remat)
+
+
 def greedy_candidates(instance: PipelineInstance) -> list[Simulation]:
     """Every priority rule x remat mode of the list scheduler, simulated; the ones that fit."""
     modes = REMAT_MODES if instance.allow_remat else ("never",)
+    rules = make_rules(instance)
+    if _num_ops(instance) > LARGE_OPS:
+        rules = [r for r in rules if r.name in ("zero-bubble", "backward-first")]
     out = []
-    for rule in make_rules(instance):
+    for rule in rules:
         for mode in modes:
             program = list_schedule(instance, rule, remat=mode)
             if program is not None:
@@ -131,8 +139,7 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
 
     candidates += zoo_candidates(instance)
     best = min(candidates, key=lambda r: r.schedule.makespan).schedule
-    ops = instance.num_stages * instance.num_microbatches * (1 + len(instance.backward_ops) + instance.allow_remat)
-    if approx_le(best.makespan, bound) or ops > CPSAT_MAX_OPS:
+    if approx_le(best.makespan, bound) or _num_ops(instance) > CPSAT_MAX_OPS:
         return _finish(best, "cpsat", bound, t0)
     with tqdm(total=None, desc="cpsat", unit=" solutions", disable=not progress, leave=False) as bar:
         def on_solution(objective: float, proven: float) -> None:

@@ -24,5 +24,7 @@ __all__ = [
     "MemoryTimeline", "Op", "PipelineInstance", "PipelineReport", "PipelineSchedule", "Program",
     "Simulation", "Stage", "check_program", "chrome_trace", "format_grid", "format_program_csv", "gantt",
     "load_program", "make_program", "memory_timeline", "parse_program_csv", "predecessors", "program_of",
-    "save_chrome_trace", "simulate", "torch_csv", "validate_pipeline",
+    "bounds", "save_chrome_trace", "simulate", "torch_csv", "validate_pipeline", "zoo",
 ]
+
+from pipesched.pipeline import bounds, zoo  # noqa: E402  (submodules that build on the above)

@@ -234,7 +234,7 @@ class PipelineSchedule(JsonFile):
     def from_ops(cls, instance: PipelineInstance, ops: list[Op] | tuple[Op, ...], *,
                  lower_bound: float | None, status: str, solver: str, solve_time_s: float
                  ) -> PipelineSchedule:
-        ops = tuple(sorted(ops))
+        ops = tuple(sorted(ops, key=lambda o: (o.start, o.end, o.op, o.stage, o.microbatch)))
         makespan = max((op.end for op in ops), default=0)
         return cls(instance, ops, makespan, lower_bound, status, solver, solve_time_s)
 

@@ -1,0 +1,136 @@
+"""Grouped matrix multiplication in Pallas (megablox-style), with `jax.lax.ragged_dot` as reference.
+
+``lhs`` holds tokens sorted by group (expert): rows ``[offset[g], offset[g] + group_sizes[g])``
+belong to group g and are multiplied by ``rhs[g]``; rows past ``sum(group_sizes)`` give zeros,
+as in ``ragged_dot``.
+
+The grid is (row tiles, output-feature tiles). Unlike megablox, which revisits an output tile once
+per group crossing it (TPU keeps the tile resident between consecutive grid steps), each program
+here owns its output tile and loops over the groups that intersect its rows, keeping the rows of
+each group with a mask. Output tiles are written exactly once, so programs are independent and the
+kernel needs no scalar prefetch: it lowers with Triton on GPU and runs in interpret mode anywhere.
+Empty groups are skipped; a tile past the last grouped row writes zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+
+class Tiling(NamedTuple):
+    """Tile sizes over tokens (m), contracted features (k) and output features (n)."""
+
+    m: int = 64
+    k: int = 64
+    n: int = 64
+
+
+DEFAULT_TILING = Tiling()
+
+
+def compiled_backend() -> bool:
+    """Whether the default backend compiles this kernel (GPU, through Triton)."""
+    return jax.default_backend() == "gpu"
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _fit(tile: int, size: int, minimum: int) -> int:
+    """The tile, shrunk to the power of two covering `size` when `size` is smaller."""
+    return max(minimum, min(tile, pl.next_power_of_2(size)))
+
+
+def _tile_groups(group_sizes: jax.Array, tm: int, num_tiles: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Group offsets (E+1,) and, per row tile, the first and last group owning one of its rows."""
+    ends = jnp.cumsum(group_sizes)
+    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), ends]).astype(jnp.int32)
+    first_row = jnp.arange(num_tiles, dtype=jnp.int32) * tm
+    last_row = jnp.minimum(first_row + tm, ends[-1]) - 1
+    first = jnp.searchsorted(ends, first_row, side="right").astype(jnp.int32)
+    last = jnp.searchsorted(ends, last_row, side="right").astype(jnp.int32)
+    return offsets, first, jnp.where(last_row >= first_row, last, first - 1)
+
+
+def _whole(shape: tuple[int, ...]) -> pl.BlockSpec:
+    """The whole array in every program (small int32 metadata, read a scalar at a time)."""
+    return pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+
+
+def _kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, tm: int, tk: int,
+            k_tiles: int):
+    tile = pl.program_id(0)
+    rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+    zeros = jnp.zeros(out_ref.shape, jnp.float32)
+
+    def group_product(g):
+        def k_step(kk, acc):
+            x = lhs_ref[:, pl.ds(kk * tk, tk)]
+            w = rhs_ref[g, pl.ds(kk * tk, tk), :]
+            return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+        return jax.lax.fori_loop(0, k_tiles, k_step, zeros)
+
+    def add_group(g, acc):
+        start, end = offsets_ref[g], offsets_ref[g + 1]
+        return jax.lax.cond(
+            end > start,
+            lambda: jnp.where((rows >= start) & (rows < end), group_product(g), acc),
+            lambda: acc,
+        )
+
+    acc = jax.lax.fori_loop(first_ref[tile], last_ref[tile] + 1, add_group, zeros)
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "preferred_element_type"))
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
+                   tiling: Tiling = DEFAULT_TILING, interpret: bool | None = None,
+                   preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    """``out[rows of group g] = lhs[rows of group g] @ rhs[g]`` for lhs (m, k), rhs (E, k, n).
+
+    `group_sizes` (E,) int32 must sum to at most m. `interpret=None` compiles on GPU and interprets
+    elsewhere. Same result as ``jax.lax.ragged_dot(lhs, rhs, group_sizes)``.
+    """
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"grouped_matmul: expected lhs (m, k) and rhs (E, k, n), got {lhs.shape} and {rhs.shape}")
+    if group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(f"grouped_matmul: group_sizes must have shape ({rhs.shape[0]},), got {group_sizes.shape}")
+    interpret = not compiled_backend() if interpret is None else interpret
+    out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    (m, k), n = lhs.shape, rhs.shape[2]
+    minimum = 1 if interpret else 16  # Triton's dot needs tiles of at least 16
+    tm, tk, tn = _fit(tiling.m, m, minimum), _fit(tiling.k, k, minimum), _fit(tiling.n, n, minimum)
+    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    lhs = jnp.pad(lhs, ((0, mp - m), (0, kp - k)))
+    rhs = jnp.pad(rhs, ((0, 0), (0, kp - k), (0, np_ - n)))
+    num_groups = rhs.shape[0]
+    offsets, first, last = _tile_groups(group_sizes.astype(jnp.int32), tm, mp // tm)
+    out = pl.pallas_call(
+        functools.partial(_kernel, tm=tm, tk=tk, k_tiles=kp // tk),
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(mp // tm, np_ // tn),
+        in_specs=[
+            _whole((num_groups + 1,)),
+            _whole((mp // tm,)),
+            _whole((mp // tm,)),
+            pl.BlockSpec((tm, kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((num_groups, kp, tn), lambda i, j: (0, 0, j)),
+        ],
+        out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
+        interpret=interpret,
+        name="grouped_matmul",
+    )(offsets, first, last, lhs, rhs)
+    return out[:m, :n]
+
+
+def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """The reference: ``jax.lax.ragged_dot`` in float32 accumulation."""
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32),
+                              preferred_element_type=jnp.result_type(lhs.dtype, rhs.dtype))

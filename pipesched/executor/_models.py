@@ -1,0 +1,237 @@
+"""Models the executor runs, built stage by stage with flax NNX: a GPT-style transformer and an MLP.
+
+A model is a chain of S stage modules with one signature, `stage(h, x, y) -> out`: the first stage
+reads the microbatch input `x` (tokens or features) and ignores `h`; the others read the hidden state
+`h` of the stage before; the last one returns the microbatch loss against `y`, the others the next
+hidden state. Every parameter is used by an `Affine` op (output linear in its parameters), which
+records its input and adds a zero `Tap` to its output: the gradient of a tap is the op's output
+gradient, so the weight gradient can be computed apart from the input gradient (split backward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODELS = ("gpt-tiny", "mlp")
+
+
+class Tap(nnx.Variable):
+    """Zero added to an Affine op's output; its cotangent is the op's output gradient."""
+
+
+class Input(nnx.Variable):
+    """The last input of an Affine op: what its weight gradient needs."""
+
+
+class Affine(nnx.Module):
+    """Base of every parametric op: `op(x)` is linear in the module's parameters."""
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_dtype=jnp.float32):
+        self.input = Input(jnp.zeros(in_shape, in_dtype))
+        self.tap = Tap(jnp.zeros(out_shape, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.input.set_value(x)
+        return self.op(x) + self.tap[...]
+
+
+class Linear(Affine):
+    def __init__(self, lead: tuple[int, ...], din: int, dout: int, rngs: nnx.Rngs, gain: float = 1.0):
+        super().__init__((*lead, din), (*lead, dout))
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout)) * gain / np.sqrt(din))
+        self.bias = nnx.Param(jnp.zeros((dout,)))
+
+    def op(self, x: jax.Array) -> jax.Array:
+        return x @ self.kernel[...] + self.bias[...]
+
+
+class Embed(Affine):
+    def __init__(self, lead: tuple[int, ...], vocab: int, width: int, rngs: nnx.Rngs):
+        super().__init__(lead, (*lead, width), jnp.int32)
+        self.table = nnx.Param(jax.random.normal(rngs.params(), (vocab, width)) * 0.5)
+
+    def op(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], tokens, axis=0)
+
+
+class Scale(Affine):
+    """The affine part of a layer norm: x * scale + bias."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__(shape, shape)
+        self.scale = nnx.Param(jnp.ones(shape[-1:]))
+        self.bias = nnx.Param(jnp.zeros(shape[-1:]))
+
+    def op(self, x: jax.Array) -> jax.Array:
+        return x * self.scale[...] + self.bias[...]
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, shape: tuple[int, ...]):
+        self.affine = Scale(shape)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return self.affine((x - mean) * jax.lax.rsqrt(var + 1e-5))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a model; `microbatch` samples per microbatch, `layers` blocks per stage."""
+
+    name: str = "gpt-tiny"
+    microbatch: int = 2
+    seq_len: int = 8
+    vocab: int = 32
+    width: int = 16
+    heads: int = 2
+    layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}: choose one of {', '.join(MODELS)}")
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: causal self-attention then a GELU MLP, both residual."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        lead, d = (cfg.microbatch, cfg.seq_len), cfg.width
+        self.heads = cfg.heads
+        self.norm1, self.norm2 = LayerNorm((*lead, d)), LayerNorm((*lead, d))
+        self.qkv = Linear(lead, d, 3 * d, rngs)
+        self.proj = Linear(lead, d, d, rngs)
+        self.up = Linear(lead, d, 4 * d, rngs)
+        self.down = Linear(lead, 4 * d, d, rngs)
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        b, t, d = h.shape
+        q, k, v = jnp.split(self.qkv(self.norm1(h)), 3, axis=-1)
+        q, k, v = (z.reshape(b, t, self.heads, d // self.heads) for z in (q, k, v))
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(d // self.heads)
+        logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e9)
+        att = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
+        h = h + self.proj(att)
+        return h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+
+
+class GPTStage(nnx.Module):
+    """A slice of the transformer: [embedding] + `layers` blocks + [final norm, LM head, loss]."""
+
+    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rngs: nnx.Rngs):
+        lead = (cfg.microbatch, cfg.seq_len)
+        self.embed = Embed(lead, cfg.vocab, cfg.width, rngs) if first else None
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        self.norm = LayerNorm((*lead, cfg.width)) if last else None
+        self.head = Linear(lead, cfg.width, cfg.vocab, rngs) if last else None
+
+    def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+        if self.embed is not None:
+            h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        if self.head is None:
+            return h
+        logits = self.head(self.norm(h))
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+
+class MLPStage(nnx.Module):
+    """A slice of a residual MLP regressor: `layers` GELU layers, the last stage adds an MSE loss."""
+
+    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rngs: nnx.Rngs):
+        lead, d = (cfg.microbatch,), cfg.width
+        self.layers = nnx.List([Linear(lead, d, d, rngs, gain=0.5) for _ in range(cfg.layers)])
+        self.head = Linear(lead, d, d, rngs) if last else None
+        self.first = first
+
+    def __call__(self, h: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+        if self.first:
+            h = x
+        for layer in self.layers:
+            h = h + jax.nn.gelu(layer(h))
+        if self.head is None:
+            return h
+        return ((self.head(h) - y) ** 2).mean()
+
+
+class StagedModel(NamedTuple):
+    """A model cut into stages: per stage its graph, parameters, taps and input placeholders."""
+
+    config: ModelConfig
+    graphs: tuple[nnx.GraphDef, ...]
+    params: tuple[nnx.State, ...]
+    taps: tuple[nnx.State, ...]  # zeros
+    inputs: tuple[nnx.State, ...]  # placeholders, overwritten by each call
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.graphs)
+
+    def kind(self, stage: int) -> tuple[bool, bool]:
+        """(is first, is last): stages of one kind share their structure."""
+        return stage == 0, stage == self.num_stages - 1
+
+    @property
+    def hidden_shape(self) -> tuple[int, ...]:
+        cfg = self.config
+        return (cfg.microbatch, cfg.seq_len, cfg.width) if cfg.name == "gpt-tiny" else (cfg.microbatch, cfg.width)
+
+
+def make_model(config: ModelConfig, num_stages: int, seed: int = 0) -> StagedModel:
+    """Build `num_stages` stages with independent random parameters."""
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    rngs = nnx.Rngs(params=seed)
+    cls = GPTStage if config.name == "gpt-tiny" else MLPStage
+    parts = [nnx.split(cls(config, s == 0, s == num_stages - 1, rngs), nnx.Param, Tap, Input)
+             for s in range(num_stages)]
+    return StagedModel(config, *(tuple(column) for column in zip(*parts)))
+
+
+class Batch(NamedTuple):
+    """M microbatches: `inputs[m]` and `targets[m]`."""
+
+    inputs: jax.Array
+    targets: jax.Array
+
+
+def make_batch(config: ModelConfig, num_microbatches: int, seed: int = 0) -> Batch:
+    """Random data with learnable structure (next token = f(token); targets = a smooth map of x)."""
+    key_x, key_y = jax.random.split(jax.random.key(seed))
+    if config.name == "gpt-tiny":
+        shape = (num_microbatches, config.microbatch, config.seq_len)
+        tokens = jax.random.randint(key_x, shape, 0, config.vocab)
+        return Batch(tokens, (tokens * 7 + 3) % config.vocab)
+    x = jax.random.normal(key_x, (num_microbatches, config.microbatch, config.width))
+    return Batch(x, jnp.sin(x @ jax.random.normal(key_y, (config.width, config.width)) / 2))
+
+
+def stage_apply(model: StagedModel, stage: int, params: nnx.State, h: jax.Array, x: jax.Array,
+                y: jax.Array) -> jax.Array:
+    """Run one stage on one microbatch (pure function of its arguments)."""
+    return nnx.merge(model.graphs[stage], params, model.taps[stage], model.inputs[stage], copy=True)(h, x, y)
+
+
+def reference_loss(model: StagedModel, params: tuple[nnx.State, ...], batch: Batch) -> jax.Array:
+    """Unpipelined loss: the mean over microbatches of the whole chain of stages."""
+    def one(x, y):
+        h = jnp.zeros(model.hidden_shape)
+        for s in range(model.num_stages):
+            h = stage_apply(model, s, params[s], h, x, y)
+        return h
+    return jax.lax.map(lambda xy: one(*xy), (batch.inputs, batch.targets)).mean()
+
+
+def reference_grads(model: StagedModel, params: tuple[nnx.State, ...], batch: Batch
+                    ) -> tuple[jax.Array, tuple[nnx.State, ...]]:
+    """Loss and per-stage parameter gradients on one device, without pipelining."""
+    return jax.jit(jax.value_and_grad(lambda p: reference_loss(model, p, batch)))(params)

@@ -1,0 +1,143 @@
+"""Run a pipeline schedule with the JAX executor and hold it against the reference and the
+schedule's predictions (formats.md section 4 run report)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from pipesched.executor._compile import PipelineProgram, build_program, make_mesh, stack_params, unstack
+from pipesched.executor._models import Batch, ModelConfig, StagedModel, make_batch, make_model, reference_grads
+from pipesched.executor._plan import executed_form, make_plan, tick_schedule
+from pipesched.executor._profile import StageMemory
+from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline, program_of, simulate
+
+REPORT_FORMAT = "pipesched.run-report/1"
+
+
+class Pipeline(NamedTuple):
+    """A schedule compiled for a model: the program, the model, its data and sharded parameters."""
+
+    schedule: PipelineSchedule
+    program: PipelineProgram
+    model: StagedModel
+    batch: Batch
+    params: tuple  # stacked per kind, sharded over `pipe`
+
+
+def compile_pipeline(schedule: PipelineSchedule, model: str | ModelConfig = "gpt-tiny", *, seed: int = 0,
+                     devices: Sequence[jax.Device] | None = None) -> Pipeline:
+    """Validate `schedule` (ValidationError if invalid) and compile it for `model` on a mesh of
+    the schedule's P devices (the first P of `devices`, default jax.devices())."""
+    config = ModelConfig(name=model) if isinstance(model, str) else model
+    plan = make_plan(schedule)
+    staged = make_model(config, schedule.instance.num_stages, seed)
+    batch = make_batch(config, schedule.instance.num_microbatches, seed)
+    program = build_program(plan, staged, batch, make_mesh(plan.num_devices, devices))
+    params = jax.device_put(stack_params(plan, staged, staged.params), program.param_sharding)
+    return Pipeline(schedule, program, staged, jax.device_put(batch, program.replicated), params)
+
+
+def gradient_error(pipeline: Pipeline) -> tuple[float, float, float]:
+    """(pipelined loss, reference loss, max |grad - reference grad|) on the pipeline's batch."""
+    loss, grads = pipeline.program.grads(pipeline.params, pipeline.batch)
+    ref_loss, ref_grads = reference_grads(pipeline.model, pipeline.model.params, jax.device_get(pipeline.batch))
+    grads = jax.device_get(unstack(pipeline.program.plan, grads))
+    error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+    return float(loss), float(ref_loss), error
+
+
+def train_step_fn(pipeline: Pipeline, optimizer: optax.GradientTransformation):
+    """Jitted (params, opt_state, batch) -> (params, opt_state, loss) of the pipelined program."""
+    @jax.jit
+    def step(params, opt_state, batch):
+        loss, grads = pipeline.program.grads(params, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    return step
+
+
+def compiled_memory_bytes(pipeline: Pipeline) -> int:
+    """Per-device bytes of the compiled gradient program: arguments + outputs + temporaries."""
+    stats = pipeline.program.grads.lower(pipeline.params, pipeline.batch).compile().memory_analysis()
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
+def byte_instance(pipeline: Pipeline) -> PipelineInstance:
+    """The schedule's instance with activation, stash and checkpoint sizes in the model's bytes."""
+    inst = pipeline.schedule.instance
+    stages = []
+    for s, st in enumerate(inst.stages):
+        mem = StageMemory(pipeline.model, s, inst.split_backward)
+        stages.append(dataclasses.replace(st, activation=mem.activation, wgrad_stash=mem.stash,
+                                          checkpoint=min(mem.hidden, mem.activation)))
+    return inst.replace(stages=tuple(stages), memory_limit=None)
+
+
+def predicted_times(schedule: PipelineSchedule, timing: PipelineInstance | None) -> tuple[float, float]:
+    """(schedule makespan, executed-form makespan) with the durations of `timing` (same stages and
+    placement, e.g. a profiled instance in microseconds) or of the schedule's own instance."""
+    inst = schedule.instance if timing is None else timing.replace(
+        num_microbatches=schedule.instance.num_microbatches, split_backward=schedule.instance.split_backward,
+        allow_remat=schedule.instance.allow_remat, memory_limit=None)
+    retimed = simulate(inst, program_of(schedule)).schedule
+    executed = executed_form(inst, tick_schedule(schedule), schedule.solver)
+    return retimed.makespan, executed.makespan
+
+
+def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", steps: int = 10, warmup: int = 2,
+        timing: PipelineInstance | None = None, time_unit_s: float = 1e-6, learning_rate: float = 1e-3,
+        seed: int = 0, devices: Sequence[jax.Device] | None = None, schedule_name: str | None = None,
+        progress: bool = False) -> dict[str, Any]:
+    """Compile and run `schedule`, returning a formats.md section 4 run report (a dict).
+
+    The first step's loss and gradients are compared with the single-device reference; then
+    `warmup` + `steps` Adam steps run and the last `steps` are timed. `timing` (e.g. from
+    profile_instance, durations in units of `time_unit_s`) gives the predicted times; without it
+    the schedule's own durations are used with the same unit.
+    """
+    pipeline = compile_pipeline(schedule, model, seed=seed, devices=devices)
+    loss, ref_loss, error = gradient_error(pipeline)
+    optimizer = optax.adam(learning_rate)
+    step = train_step_fn(pipeline, optimizer)
+    params, opt_state = pipeline.params, optimizer.init(pipeline.params)
+    times, losses = [], []
+    for i in tqdm(range(warmup + steps), desc=f"run {schedule.solver}", disable=not progress):
+        t0 = time.perf_counter()
+        params, opt_state, step_loss = jax.block_until_ready(step(params, opt_state, pipeline.batch))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(step_loss))
+    makespan, executed = predicted_times(schedule, timing)
+    memory = compiled_memory_bytes(pipeline)
+    plan = pipeline.program.plan
+    predicted_memory = memory_timeline(byte_instance(pipeline), schedule.ops).peaks
+    return {
+        "format": REPORT_FORMAT,
+        "schedule": schedule_name or schedule.solver,
+        "backend": jax.default_backend(),
+        "devices": plan.num_devices,
+        "mesh": dict(pipeline.program.mesh.shape),
+        "steps": steps,
+        "loss": loss,
+        "reference_loss": ref_loss,
+        "max_abs_grad_error": error,
+        "step_time_s": times,
+        "predicted_step_time_s": makespan * time_unit_s,
+        "predicted_executed_step_time_s": executed * time_unit_s,
+        "executed_overhead": executed / makespan - 1 if makespan else 0.0,
+        "peak_memory_bytes": [memory] * plan.num_devices,
+        "predicted_peak_memory_bytes": list(predicted_memory),
+        "activation_slots": list(plan.residual_slots),
+        "ticks": plan.ticks,
+        "train_losses": losses,
+    }

@@ -1,0 +1,209 @@
+"""Iterated local search for expert placement, with incremental cost evaluation.
+
+Objective: the 3.2 cost + migration_weight * transfers(current, placement) (see
+`_placement_common.transfers`). Neighbourhoods, evaluated exactly:
+  * for a device pair (a, b): every swap of an expert on a with one on b, and every move of an
+    expert into a free slot of the other device (replica shares unchanged, so only the two
+    columns of the per-batch loads change: vectorised over all candidates of the pair);
+  * with spare slots: add a replica of an expert to a free slot, or drop one (the expert's
+    share 1/r changes on all of its hosts).
+Best-improvement per pair, until no move improves; then a random perturbation (a few swaps) from
+the best placement, until `time_limit` or `patience` perturbations in a row bring nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipesched.placement import PlacementInstance
+from pipesched.solvers._placement_common import Batches, Devices, max_replicas
+
+_EPS = 1e-10
+
+
+class _Search:
+    """Mutable search state: hosted sets, replica shares and the (U, G) per-batch loads."""
+
+    def __init__(self, instance: PlacementInstance, batches: Batches, devices: Sequence[Sequence[int]],
+                 current: Sequence[Sequence[int]] | None, migration_weight: float):
+        self.E, self.G, self.C = instance.num_experts, instance.num_devices, instance.slots_per_device
+        self.counts = batches.counts.astype(float)
+        self.w = batches.weights
+        self.replicas_allowed = max_replicas(instance) > 1
+        # transfer_price[e, d] = migration_weight when `current` does not host e on d, else 0
+        outside = np.zeros((self.E, self.G)) if current is None else np.ones((self.E, self.G))
+        for d, experts in enumerate(current or []):
+            outside[list(experts), d] = 0.0
+        self.transfer_price = migration_weight * outside
+        self.load(devices)
+
+    def load(self, devices: Sequence[Sequence[int]]) -> None:
+        self.hosts = [set(d) for d in devices]
+        self.copies = np.zeros(self.E)
+        for d in self.hosts:
+            self.copies[list(d)] += 1
+        self.loads = np.zeros((len(self.w), self.G))
+        self.refresh(range(self.G))
+
+    def refresh(self, columns: Iterable[int]) -> None:
+        for d in columns:
+            experts = sorted(self.hosts[d])
+            self.loads[:, d] = self.counts[:, experts] @ (1.0 / self.copies[experts])
+
+    def devices(self) -> Devices:
+        return [sorted(h) for h in self.hosts]
+
+    def objective(self) -> float:
+        migration = sum(self.transfer_price[list(h), d].sum() for d, h in enumerate(self.hosts))
+        return float(self.w @ self.loads.max(axis=1)) + float(migration)
+
+    # ---- pair moves: swap or move between devices a and b -----------------------------------
+
+    def best_pair_move(self, a: int, b: int) -> tuple[float, tuple[int | None, int | None]]:
+        """(change of objective, (expert leaving a or None, expert leaving b or None))."""
+        others = [d for d in range(self.G) if d not in (a, b)]
+        rest = self.loads[:, others].max(axis=1) if others else np.zeros(len(self.w))
+        now = float(self.w @ np.maximum(rest, np.maximum(self.loads[:, a], self.loads[:, b])))
+        only_a = sorted(self.hosts[a] - self.hosts[b])
+        only_b = sorted(self.hosts[b] - self.hosts[a])
+        # candidates: (leaving a, leaving b) pairs, None = nothing leaves that device
+        out_a = only_a + ([None] if len(self.hosts[a]) < self.C else [])
+        out_b = only_b + ([None] if len(self.hosts[b]) < self.C else [])
+        wa = self._column_share(out_a)
+        wb = self._column_share(out_b)
+        delta = wb[:, None, :] - wa[:, :, None]  # load moving onto a, per (leaving a, leaving b)
+        new_max = np.maximum(rest[:, None, None],
+                             np.maximum(self.loads[:, a, None, None] + delta, self.loads[:, b, None, None] - delta))
+        change = np.einsum("u,uij->ij", self.w, new_max) - now
+        change += self._price_shift(out_a, a, b)[:, None] + self._price_shift(out_b, b, a)[None, :]
+        if out_a and out_b and out_a[-1] is None and out_b[-1] is None:
+            change[-1, -1] = np.inf  # both None: no move
+        if change.size == 0:
+            return np.inf, (None, None)
+        i, j = np.unravel_index(np.argmin(change), change.shape)
+        return float(change[i, j]), (out_a[i], out_b[j])
+
+    def _column_share(self, experts: list[int | None]) -> np.ndarray:
+        cols = np.zeros((len(self.w), len(experts)))
+        for j, e in enumerate(experts):
+            if e is not None:
+                cols[:, j] = self.counts[:, e] / self.copies[e]
+        return cols
+
+    def _price_shift(self, experts: list[int | None], src: int, dst: int) -> np.ndarray:
+        return np.array([0.0 if e is None else self.transfer_price[e, dst] - self.transfer_price[e, src]
+                         for e in experts])
+
+    def apply_pair_move(self, a: int, b: int, leave_a: int | None, leave_b: int | None) -> None:
+        if leave_a is not None:
+            self.hosts[a].remove(leave_a)
+            self.hosts[b].add(leave_a)
+        if leave_b is not None:
+            self.hosts[b].remove(leave_b)
+            self.hosts[a].add(leave_b)
+        self.refresh((a, b))
+
+    # ---- replica moves: add a replica to a free slot, or drop one ----------------------------
+
+    def best_replica_move(self) -> tuple[float, tuple[str, int, int]]:
+        best: tuple[float, tuple[str, int, int]] = (np.inf, ("", -1, -1))
+        now = float(self.w @ self.loads.max(axis=1))
+        for e in range(self.E):
+            hosting = [d for d in range(self.G) if e in self.hosts[d]]
+            r, c = len(hosting), self.counts[:, e]
+            if r >= 2:
+                base = self.loads.copy()
+                base[:, hosting] += (c * (1 / (r - 1) - 1 / r))[:, None]
+                for d in hosting:
+                    trial = base.copy()
+                    trial[:, d] = self.loads[:, d] - c / r
+                    change = float(self.w @ trial.max(axis=1)) - now - self.transfer_price[e, d]
+                    best = min(best, (change, ("drop", e, d)))
+            targets = [d for d in range(self.G) if len(self.hosts[d]) < self.C and e not in self.hosts[d]]
+            if targets:
+                base = self.loads.copy()
+                base[:, hosting] += (c * (1 / (r + 1) - 1 / r))[:, None]
+                for d in targets:
+                    trial = base.copy()
+                    trial[:, d] += c / (r + 1)
+                    change = float(self.w @ trial.max(axis=1)) - now + self.transfer_price[e, d]
+                    best = min(best, (change, ("add", e, d)))
+        return best
+
+    def apply_replica_move(self, kind: str, e: int, d: int) -> None:
+        hosting = [h for h in range(self.G) if e in self.hosts[h]]
+        if kind == "drop":
+            self.hosts[d].remove(e)
+            self.copies[e] -= 1
+        else:
+            self.hosts[d].add(e)
+            self.copies[e] += 1
+        self.refresh(set(hosting) | {d})
+
+    # ---- perturbation ------------------------------------------------------------------------
+
+    def random_swap(self, rng: np.random.Generator) -> None:
+        a, b = rng.choice(self.G, size=2, replace=False)
+        only_a, only_b = sorted(self.hosts[a] - self.hosts[b]), sorted(self.hosts[b] - self.hosts[a])
+        if only_a and only_b:
+            self.apply_pair_move(int(a), int(b), int(rng.choice(only_a)), int(rng.choice(only_b)))
+
+
+def _descend(state: _Search, rng: np.random.Generator, deadline: float) -> None:
+    """Apply improving moves until none is left (or time is up)."""
+    pairs = list(itertools.combinations(range(state.G), 2))
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        for k in rng.permutation(len(pairs)):
+            a, b = pairs[k]
+            change, (leave_a, leave_b) = state.best_pair_move(a, b)
+            if change < -_EPS:
+                state.apply_pair_move(a, b, leave_a, leave_b)
+                improved = True
+        if state.replicas_allowed:
+            change, move = state.best_replica_move()
+            if change < -_EPS:
+                state.apply_replica_move(*move)
+                improved = True
+
+
+def local_search(
+    instance: PlacementInstance,
+    batches: Batches,
+    start: Sequence[Sequence[int]],
+    *,
+    time_limit: float,
+    seed: int = 0,
+    current: Sequence[Sequence[int]] | None = None,
+    migration_weight: float = 0.0,
+    patience: int = 20,
+    progress: bool = False,
+) -> Devices:
+    """The best placement found from `start` (never worse than `start` on the objective)."""
+    if instance.num_devices == 1:
+        return [sorted(start[0])]
+    deadline = time.perf_counter() + time_limit
+    rng = np.random.default_rng(seed)
+    state = _Search(instance, batches, start, current, migration_weight)
+    _descend(state, rng, deadline)
+    best, best_value, idle = state.devices(), state.objective(), 0
+    with tqdm(desc="local search", disable=not progress, leave=False) as bar:
+        while idle < patience and time.perf_counter() < deadline:
+            for _ in range(int(rng.integers(1, 4))):
+                state.random_swap(rng)
+            _descend(state, rng, deadline)
+            value = state.objective()
+            if value < best_value - _EPS:
+                best, best_value, idle = state.devices(), value, 0
+            else:
+                idle += 1
+                state.load(best)
+            bar.update(1)
+            bar.set_postfix(objective=f"{best_value:.4f}")
+    return best

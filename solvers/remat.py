@@ -1,0 +1,208 @@
+"""`solve_remat`: every remat solver behind one entry point (formats.md section 2).
+
+Solvers (CLI names in `REMAT_SOLVERS`):
+* ``cpsat``: exact CP-SAT on any graph (`_remat_cpsat`), warm-started from ``greedy``; returns the
+  best schedule found and CP-SAT's proven bound (anytime).
+* ``chain-dp``: the optimal chain DP (`_remat_chain_dp`); only for chain graphs.
+* ``checkpoint-all``, ``sqrt-n``, ``chen-greedy``: the baselines (`_remat_heuristics`).
+* ``greedy``: the cheapest schedule of all heuristics, including the budget-aware eviction greedy.
+
+Every returned schedule goes through `validate_remat`. Lower bounds (`_remat_bounds`): the
+no-remat cost always; the DP optimum or CP-SAT bound when proven. Status "infeasible" when the
+budget is below `smallest_peak` (or the exact DP / CP-SAT model has no solution); "unknown" when a
+solver finds no schedule that fits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from pipesched._common import FormatError, approx_eq, approx_le, approx_lt
+from pipesched.remat import RematInstance, RematSchedule, chain_layout, evaluate_steps, validate_remat
+from pipesched.solvers import _remat_heuristics as heuristics
+from pipesched.solvers._remat_bounds import copy_caps, proven_infeasible
+from pipesched.solvers._remat_chain_dp import MAX_TABLE_ENTRIES, chain_computes, chain_tables, discretise
+from pipesched.solvers._remat_cpsat import solve_cpsat
+from pipesched.solvers._remat_steps import Step, computes_of, steps_from_computes
+from pipesched.solvers._result import Result
+
+REMAT_SOLVERS = ("cpsat", "chain-dp", "checkpoint-all", "sqrt-n", "chen-greedy", "greedy")
+MAX_COPIES = 32  # per node in the CP-SAT model; above it the model is clipped (not exact)
+SEARCH_SHARE = 0.3  # share of the time left given to a clipped (search-only) CP-SAT model
+MAX_READ_LITERALS = 200_000  # size guard for the CP-SAT model
+
+
+def solve_remat(instance: RematInstance, solver: str = "cpsat", time_limit: float = 60.0, *,
+                workers: int = 2, seed: int = 0, progress: bool = False) -> Result:
+    """Solve `instance` with `solver` (one of `REMAT_SOLVERS`) within `time_limit` seconds."""
+    if solver not in REMAT_SOLVERS:
+        raise ValueError(f"unknown remat solver {solver!r}: choose one of {', '.join(REMAT_SOLVERS)}")
+    started = time.perf_counter()
+    if proven_infeasible(instance):
+        return _finish(instance, [], instance.total_cost, "infeasible", solver, started)
+    if solver == "chain-dp":
+        return _chain_dp(instance, started)
+    if solver == "cpsat":
+        return _cpsat(instance, time_limit, workers, seed, progress, started)
+    best = _cheapest(instance, HEURISTICS[solver](instance))
+    return _heuristic_result(instance, best, solver, started)
+
+
+# --------------------------------------------------------------------------------------------
+# Heuristics
+
+
+def _checkpoint_all(instance: RematInstance) -> Iterator[list[int]]:
+    yield heuristics.checkpoint_all(instance)
+
+
+def _sqrt_n(instance: RematInstance) -> Iterator[list[int]]:
+    for candidates in heuristics.candidate_sets(instance):
+        yield heuristics.checkpointed(instance, heuristics.sqrt_n_checkpoints(candidates))
+
+
+def _chen_greedy(instance: RematInstance) -> Iterator[list[int]]:
+    for candidates in heuristics.candidate_sets(instance):
+        seen = set()
+        for threshold in heuristics.chen_thresholds(instance):
+            checkpoints = tuple(heuristics.chen_greedy_checkpoints(instance, candidates, threshold))
+            if checkpoints not in seen:
+                seen.add(checkpoints)
+                yield heuristics.checkpointed(instance, checkpoints)
+
+
+def _greedy(instance: RematInstance) -> Iterator[list[int]]:
+    yield from _checkpoint_all(instance)
+    yield from _sqrt_n(instance)
+    yield from _chen_greedy(instance)
+    orders = (None, heuristics.memory_aware_order(instance))
+    for order in orders:
+        for score in heuristics.EVICTION_SCORES:
+            computes = heuristics.eviction_greedy(instance, score, order)
+            if computes is not None:
+                yield computes
+
+
+HEURISTICS: dict[str, Callable[[RematInstance], Iterator[list[int]]]] = {
+    "checkpoint-all": _checkpoint_all, "sqrt-n": _sqrt_n, "chen-greedy": _chen_greedy, "greedy": _greedy,
+}
+
+
+def _cheapest(instance: RematInstance, candidates: Iterator[list[int]]) -> tuple[list[Step], float] | None:
+    """The cheapest candidate that fits the budget, as (steps, cost)."""
+    best = None
+    for computes in candidates:
+        steps = steps_from_computes(instance, computes)
+        cost, peak = evaluate_steps(instance, steps, enforce_budget=False)
+        if approx_le(peak, instance.budget) and (best is None or cost < best[1]):
+            best = (steps, cost)
+    return best
+
+
+def _heuristic_result(instance: RematInstance, best: tuple[list[Step], float] | None, solver: str,
+                      started: float) -> Result:
+    lower = instance.total_cost
+    if best is None:
+        return _finish(instance, [], lower, "unknown", solver, started)
+    return _finish(instance, best[0], lower, "optimal" if approx_eq(best[1], lower) else "feasible",
+                   solver, started)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact solvers
+
+
+def _chain_dp(instance: RematInstance, started: float) -> Result:
+    layout = chain_layout(instance)
+    if layout is None:
+        raise FormatError(f"{instance.name}: chain-dp needs a chain graph (pipesched.remat.chain_instance); "
+                          "use --solver cpsat for other graphs")
+    chain = layout.chain
+    n = chain.length
+    slots = max(1, min(4096, MAX_TABLE_ENTRIES // (n * n) - 1))
+    grid = discretise(chain.output_size, chain.gradient_size, instance.budget, slots)
+    upper = chain_tables(chain.forward_cost, chain.backward_cost, grid.x_upper, grid.g_upper,
+                         grid.budget_upper)
+    same = (grid.budget_upper == grid.budget_lower and (grid.x_upper == grid.x_lower).all()
+            and (grid.g_upper == grid.g_lower).all())
+    lower = upper.optimum if same else chain_tables(chain.forward_cost, chain.backward_cost, grid.x_lower,
+                                                    grid.g_lower, grid.budget_lower).optimum
+    bound = max(instance.total_cost, lower)
+    if upper.optimum == float("inf"):
+        status = "infeasible" if lower == float("inf") else "unknown"
+        return _finish(instance, [], instance.total_cost, status, "chain-dp", started)
+    steps = steps_from_computes(instance, chain_computes(upper, layout))
+    return _proven(instance, steps, bound, "chain-dp", started)
+
+
+def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, progress: bool,
+           started: float) -> Result:
+    """Warm start from `greedy`; while the proven copy caps (which shrink as the best known cost
+    falls) are too large for an exact model, spend part of the time on a clipped model to find a
+    cheaper schedule; then solve the exact model with the time left."""
+    best = _cheapest(instance, _greedy(instance))
+    bound = instance.total_cost
+    while True:
+        caps = copy_caps(instance, None if best is None else best[1])
+        clipped = _clip(instance, caps)
+        exact = clipped == caps
+        remaining = time_limit - (time.perf_counter() - started)
+        budget = remaining if exact else remaining * SEARCH_SHARE
+        hint = None if best is None else computes_of(instance, best[0])
+        if hint is not None and any(hint.count(v) > clipped[v] for v in set(hint)):
+            hint = None
+        outcome = solve_cpsat(instance, clipped, hint, time_limit=budget, workers=workers, seed=seed,
+                              progress=progress, caps_exact=exact)
+        if outcome.proven_infeasible:
+            return _finish(instance, [], instance.total_cost, "infeasible", "cpsat", started)
+        if outcome.exact:
+            bound = max(bound, outcome.bound)
+        improved = False
+        if outcome.computes is not None:
+            steps = steps_from_computes(instance, outcome.computes)
+            cost, peak = evaluate_steps(instance, steps, enforce_budget=False)
+            if approx_le(peak, instance.budget) and (best is None or approx_lt(cost, best[1])):
+                best, improved = (steps, cost), True
+        if exact or not improved or time.perf_counter() - started >= time_limit:
+            break
+    if best is None:
+        return _finish(instance, [], bound, "unknown", "cpsat", started)
+    return _proven(instance, best[0], bound, "cpsat", started)
+
+
+def _clip(instance: RematInstance, caps: list[int]) -> list[int]:
+    """`caps` clipped to MAX_COPIES and to what keeps the model within MAX_READ_LITERALS."""
+    limit = MAX_COPIES
+    while limit > 2 and _read_literals(instance, [min(c, limit) for c in caps]) > MAX_READ_LITERALS:
+        limit //= 2
+    return [min(c, limit) for c in caps]
+
+
+def _read_literals(instance: RematInstance, caps: list[int]) -> int:
+    return sum(caps[v] * caps[u] for v, deps in enumerate(instance.dep_indices) for u in deps if caps[u] > 1)
+
+
+def _proven(instance: RematInstance, steps: list[Step], bound: float, solver: str, started: float) -> Result:
+    """A schedule with a proven bound: "optimal" when the bound meets its cost."""
+    cost = evaluate_steps(instance, steps).cost
+    if approx_lt(cost, bound):
+        raise RuntimeError(f"{instance.name}: {solver} found cost {cost} below its proven bound {bound}; "
+                           "this is a bug, please report it with the instance")
+    if approx_eq(bound, cost):
+        return _finish(instance, steps, cost, "optimal", solver, started)
+    return _finish(instance, steps, bound, "feasible", solver, started)
+
+
+def _finish(instance: RematInstance, steps: list[Step], lower_bound: float, status: str, solver: str,
+            started: float) -> Result:
+    """Build the result file object and check it with the project's validator."""
+    elapsed = time.perf_counter() - started
+    if steps:
+        schedule = RematSchedule.from_steps(instance, steps, lower_bound=lower_bound, status=status,
+                                            solver=solver, solve_time_s=elapsed)
+    else:
+        schedule = RematSchedule.empty(instance, status=status, lower_bound=lower_bound, solver=solver,
+                                       solve_time_s=elapsed)
+    validate_remat(schedule)
+    return Result.of(schedule)

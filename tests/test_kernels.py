@@ -1,0 +1,54 @@
+"""The Pallas grouped matmul equals jax.lax.ragged_dot (interpret mode on CPU)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pipesched.kernels import Tiling, grouped_matmul, grouped_matmul_reference
+
+TILING = Tiling(m=8, k=8, n=8)
+
+
+def _operands(rng, group_sizes, m, k, n, dtype=jnp.float32):
+    lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(len(group_sizes), k, n)), dtype)
+    return lhs, rhs, jnp.asarray(group_sizes, jnp.int32)
+
+
+@settings(max_examples=10)
+@given(
+    group_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=6),
+    spare_rows=st.integers(0, 9),
+    k=st.integers(1, 20),
+    n=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_ragged_dot_on_random_group_sizes(group_sizes, spare_rows, k, n, seed):
+    m = max(1, sum(group_sizes) + spare_rows)
+    lhs, rhs, sizes = _operands(np.random.default_rng(seed), group_sizes, m, k, n)
+    out = grouped_matmul(lhs, rhs, sizes, tiling=TILING, interpret=True)
+    np.testing.assert_allclose(out, grouped_matmul_reference(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_sizes", [[0, 0, 16, 0], [0, 0, 0, 0], [5, 0, 0, 11], [16, 0, 0, 0], [0, 0, 0, 16]])
+def test_empty_groups_at_every_position(group_sizes):
+    lhs, rhs, sizes = _operands(np.random.default_rng(1), group_sizes, 16, 12, 10)
+    out = grouped_matmul(lhs, rhs, sizes, tiling=TILING, interpret=True)
+    np.testing.assert_allclose(out, grouped_matmul_reference(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_past_the_groups_are_zero_and_bfloat16_inputs_accumulate_in_float32():
+    lhs, rhs, sizes = _operands(np.random.default_rng(2), [3, 0, 4], 13, 16, 16, jnp.bfloat16)
+    out = grouped_matmul(lhs, rhs, sizes, tiling=TILING, interpret=True, preferred_element_type=jnp.float32)
+    assert out.dtype == jnp.float32
+    assert not np.any(np.asarray(out[7:]))
+    rows_rhs = jnp.asarray(rhs, jnp.float32)[jnp.array([0, 0, 0, 2, 2, 2, 2])]
+    expected = jnp.einsum("mk,mkn->mn", jnp.asarray(lhs[:7], jnp.float32), rows_rhs)
+    np.testing.assert_allclose(out[:7], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_rejects_mismatched_shapes():
+    lhs, rhs, sizes = _operands(np.random.default_rng(3), [2, 2], 4, 3, 5)
+    with pytest.raises(ValueError, match="group_sizes must have shape"):
+        grouped_matmul(lhs, rhs, sizes[:1], interpret=True)

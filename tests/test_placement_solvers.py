@@ -1,0 +1,141 @@
+"""Placement solvers: bounds <= CP-SAT == brute force <= heuristics; EPLB's README example;
+migration; synthetic traces."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipesched._common import approx_eq, approx_le
+from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
+from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
+
+HEURISTICS = [s for s in PLACEMENT_SOLVERS if s != "cpsat"]
+EPLB_WEIGHTS = [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]
+# phy2log of layer 0 printed in EPLB's README (hierarchical: 4 groups, 2 nodes), two slots per GPU
+EPLB_README_HIERARCHICAL = [[5, 6], [5, 7], [4, 8], [3, 4], [9, 10], [2, 10], [0, 1], [1, 11]]
+
+
+def brute_force(instance: PlacementInstance) -> float:
+    """The optimal 3.2 cost over every placement: each expert on any non-empty set of devices
+    within the slot capacity (at most C*G - E + 1 devices: the other experts need a slot each).
+    Expert 0 is on device 0 (devices are interchangeable)."""
+    E, G, C = instance.num_experts, instance.num_devices, instance.slots_per_device
+    subsets = [s for r in range(1, min(G, C * G - E + 1) + 1) for s in itertools.combinations(range(G), r)]
+    member = np.zeros((len(subsets), G))
+    for i, s in enumerate(subsets):
+        member[i, list(s)] = 1
+    first = [i for i, s in enumerate(subsets) if 0 in s]
+    choices = np.array([(a, *rest) for a in first for rest in itertools.product(range(len(subsets)), repeat=E - 1)])
+    hosts = member[choices]  # (placements, E, G)
+    hosts = hosts[(hosts.sum(axis=1) <= C).all(axis=1)]
+    shares = hosts / hosts.sum(axis=2, keepdims=True)
+    loads = np.einsum("be,peg->pbg", instance.batch_counts, shares)
+    return float(loads.max(axis=2).mean(axis=1).min())
+
+
+def host_sets(E: int, G: int, C: int) -> int:
+    return sum(math.comb(G, r) for r in range(1, min(G, C * G - E + 1) + 1))
+
+
+# (E, G, C) with E <= 8, 2 <= G <= 4, with and without spare slots, small enough to brute-force;
+# the largest first (hypothesis draws early entries more often)
+SHAPES = [(E, G, C) for G in range(4, 1, -1) for E in range(8, G - 1, -1) for C in (-(-E // G), -(-E // G) + 1)
+          if host_sets(E, G, C) ** (E - 1) <= 60_000]
+
+
+@st.composite
+def small_instances(draw) -> PlacementInstance:
+    E, G, C = draw(st.sampled_from(SHAPES))
+    k = draw(st.integers(1, min(E, 3)))
+    trace = draw(st.lists(st.lists(st.integers(0, E - 1), min_size=k, max_size=k, unique=True),
+                          min_size=2, max_size=12))
+    b = draw(st.integers(1, len(trace) + 1))
+    return PlacementInstance(num_experts=E, num_devices=G, slots_per_device=C, batch_size=b, trace=trace)
+
+
+@given(small_instances())
+def test_bound_le_cpsat_eq_brute_force_le_heuristics(instance):
+    optimum = brute_force(instance)
+    exact = solve_placement(instance, "cpsat", time_limit=20)
+    assert exact.status == "optimal"
+    assert approx_eq(exact.objective, optimum)
+    for solver in HEURISTICS:
+        result = solve_placement(instance, solver, time_limit=2)
+        assert approx_eq(validate_placement(result.schedule), result.objective)
+        assert approx_le(result.lower_bound, optimum)
+        assert approx_le(optimum, result.objective), solver
+        if result.status == "optimal":
+            assert approx_eq(result.objective, optimum)
+
+
+@pytest.fixture(scope="module")
+def eplb_layer0(instances_dir) -> PlacementInstance:
+    instance = PlacementInstance.load(instances_dir / "placement" / "eplb_readme_layer0.json")
+    assert instance.batch_counts.tolist() == [EPLB_WEIGHTS]
+    return instance
+
+
+def max_over_mean(instance: PlacementInstance, cost: float) -> float:
+    """At b = whole trace there is one batch, so the cost is the max device load; the mean device
+    load is (tokens * k) / G."""
+    return cost / (sum(map(len, instance.trace)) / instance.num_devices)
+
+
+def test_eplb_reproduces_readme(eplb_layer0):
+    hierarchical = solve_placement(eplb_layer0, "eplb", num_nodes=2, num_groups=4)
+    assert sorted(map(list, hierarchical.schedule.devices)) == sorted(EPLB_README_HIERARCHICAL)
+    assert round(max_over_mean(eplb_layer0, hierarchical.objective), 3) == 1.208
+    assert round(max_over_mean(eplb_layer0, solve_placement(eplb_layer0, "eplb").objective), 3) == 1.073
+
+
+def test_cpsat_proves_readme_optimum(eplb_layer0):
+    exact = solve_placement(eplb_layer0, "cpsat", time_limit=120)
+    assert exact.status == "optimal"
+    assert round(max_over_mean(eplb_layer0, exact.objective), 3) == 1.053
+
+
+def test_greedy_within_two_percent_of_readme_optimum(eplb_layer0):
+    greedy = solve_placement(eplb_layer0, "greedy", time_limit=5)
+    validate_placement(greedy.schedule)
+    assert max_over_mean(eplb_layer0, greedy.objective) <= 1.02 * 1.053
+
+
+def test_migration_weight_keeps_current_placement():
+    instance = synthetic_traces(8, 4, 2, 2, 200, exponents=(1.0,), seed=3)[0]
+    current = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    stay = solve_placement(instance, "local-search", time_limit=2, current=current, migration_weight=100.0)
+    assert transfers(current, stay.schedule.devices) == 0
+    free = solve_placement(instance, "local-search", time_limit=2, current=current)
+    assert free.objective < placement_cost(instance, current)
+    assert transfers(current, free.schedule.devices) > 0
+    for result in (stay, free):
+        assert approx_eq(validate_placement(result.schedule), result.objective)
+
+
+def test_unknown_solver_names_the_choices():
+    instance = PlacementInstance(num_experts=2, num_devices=2, slots_per_device=1, batch_size=1, trace=[[0]])
+    with pytest.raises(ValueError, match="round-robin"):
+        solve_placement(instance, "best")
+
+
+def test_synthetic_traces_are_seeded_top_k_and_correlated():
+    layers = synthetic_traces(16, 4, 4, 2, 400, exponents=(0.5, 1.5), correlation=1.0, seed=7)
+    assert layers == synthetic_traces(16, 4, 4, 2, 400, exponents=(0.5, 1.5), correlation=1.0, seed=7)
+    assert layers != synthetic_traces(16, 4, 4, 2, 400, exponents=(0.5, 1.5), correlation=1.0, seed=8)
+    for layer in layers:
+        assert all(len(set(token)) == 2 for token in layer.trace)
+        # correlation 1 with clusters of size k: only E / k distinct tokens (the clusters) occur
+        assert len(set(layer.trace)) <= 8
+    flat, skewed = (np.bincount(np.ravel(layer.trace), minlength=16) for layer in layers)
+    assert flat.max() / flat.sum() < skewed.max() / skewed.sum()
+
+
+def test_coactivation_spreads_clusters_at_batch_size_one():
+    instance = synthetic_traces(16, 4, 4, 4, 400, exponents=(1.0,), correlation=1.0, seed=1)[0]
+    # every token is one of the 4 clusters of 4 experts: one expert of each cluster per device
+    assert solve_placement(instance, "coactivation").objective == 1.0
+    assert solve_placement(instance, "round-robin").objective > 1.0

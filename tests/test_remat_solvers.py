@@ -1,0 +1,176 @@
+"""Remat solvers: bounds, exactness against brute force and Revolve, public instances."""
+
+import heapq
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipesched._common import approx_eq, approx_le
+from pipesched.remat import (
+    Chain,
+    RematInstance,
+    RematNode,
+    RematSchedule,
+    chain_instance,
+    chain_layout,
+    validate_remat,
+)
+from pipesched.solvers import REMAT_SOLVERS, solve_remat
+from pipesched.solvers._remat_bounds import smallest_peak
+
+HEURISTICS = ("checkpoint-all", "sqrt-n", "chen-greedy", "greedy")
+INFEASIBLE = {"VGG16_b80", "VGG16_b70", "VGG16_b60", "VGG19_b70", "VGG19_b60", "fcn_8_vgg_b60"}
+
+
+def brute_force_optimum(instance: RematInstance) -> float | None:
+    """The minimal cost over all schedules (Dijkstra over resident/computed sets), None if none."""
+    n = len(instance.nodes)
+    mem = [node.memory for node in instance.nodes]
+    cost = [node.cost for node in instance.nodes]
+    need = [sum(1 << u for u in deps) for deps in instance.dep_indices]
+    everything = (1 << n) - 1
+    best = {(0, 0): 0.0}
+    heap = [(0.0, 0, 0)]
+    while heap:
+        spent, resident, computed = heapq.heappop(heap)
+        if computed == everything:
+            return spent
+        if spent > best[resident, computed]:
+            continue
+        level = sum(mem[v] for v in range(n) if resident >> v & 1)
+        moves = [(spent, resident & ~(1 << v), computed) for v in range(n) if resident >> v & 1]
+        moves += [(spent + cost[v], resident | 1 << v, computed | 1 << v) for v in range(n)
+                  if not resident >> v & 1 and resident & need[v] == need[v]
+                  and approx_le(level + mem[v], instance.budget)]
+        for move in moves:
+            if move[0] < best.get(move[1:], math.inf):
+                best[move[1:]] = move[0]
+                heapq.heappush(heap, move)
+    return None
+
+
+@st.composite
+def random_dags(draw, max_nodes: int = 8) -> RematInstance:
+    n = draw(st.integers(2, max_nodes))
+    nodes = []
+    for i in range(n):
+        deps = draw(st.lists(st.integers(0, i - 1), max_size=3, unique=True)) if i else []
+        nodes.append(RematNode(f"v{i}", draw(st.integers(0, 6)), draw(st.integers(1, 5)),
+                               tuple(f"v{d}" for d in sorted(deps))))
+    instance = RematInstance("random", tuple(nodes), 0)
+    lo, hi = smallest_peak(instance), instance.reference_peak
+    return instance.with_budget(draw(st.integers(int(lo) - 1, int(hi))))
+
+
+@given(random_dags())
+def test_cpsat_is_exact_and_bounds_every_heuristic(instance):
+    optimum = brute_force_optimum(instance)
+    exact = solve_remat(instance, "cpsat", time_limit=20)
+    if optimum is None:
+        assert exact.status in ("infeasible", "unknown")
+        return
+    assert exact.status == "optimal"
+    assert approx_eq(exact.objective, optimum)
+    for solver in HEURISTICS:
+        result = solve_remat(instance, solver)
+        assert approx_le(result.lower_bound, optimum)
+        if result.status in ("optimal", "feasible"):
+            assert approx_le(exact.objective, result.objective)
+
+
+def revolve_forward_steps(steps: int, snapshots: int) -> int:
+    """Griewank & Walther (2000): t*l - C(s+t, s+1), t the smallest with C(s+t, s) >= l."""
+    t = 0
+    while math.comb(snapshots + t, snapshots) < steps:
+        t += 1
+    return t * steps - math.comb(snapshots + t, snapshots + 1)
+
+
+def revolve_chain(steps: int, snapshots: int) -> RematInstance:
+    """Revolve's setting as a chain (see `_remat_chain_dp`): l+1 unit layers, free backward,
+    budget s+3."""
+    chain = Chain.homogeneous(steps + 1, backward_cost=0)
+    return chain_instance(chain, snapshots + 3, name=f"revolve_l{steps}_s{snapshots}")
+
+
+def test_chain_dp_reproduces_revolve():
+    for steps in range(1, 31):
+        for snapshots in range(1, 6):
+            result = solve_remat(revolve_chain(steps, snapshots), "chain-dp")
+            assert result.status == "optimal"
+            assert result.objective == revolve_forward_steps(steps, snapshots) + 2, (steps, snapshots)
+
+
+@st.composite
+def random_chains(draw, max_layers: int) -> RematInstance:
+    n = draw(st.integers(1, max_layers))
+    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))  # noqa: E731
+    chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
+    instance = chain_instance(chain, 0)
+    lo, hi = smallest_peak(instance), instance.reference_peak
+    return instance.with_budget(draw(st.integers(int(lo) - 1, int(hi))))
+
+
+@given(random_chains(max_layers=4))
+def test_chain_dp_equals_brute_force(instance):
+    optimum = brute_force_optimum(instance)
+    result = solve_remat(instance, "chain-dp")
+    if optimum is None:
+        assert result.status == "infeasible"
+    else:
+        assert result.status == "optimal"
+        assert approx_eq(result.objective, optimum)
+
+
+@settings(max_examples=8)
+@given(random_chains(max_layers=8))
+def test_chain_dp_equals_cpsat(instance):
+    dp = solve_remat(instance, "chain-dp")
+    exact = solve_remat(instance, "cpsat", time_limit=30)
+    assert dp.status in ("optimal", "infeasible")
+    if dp.status == "infeasible":
+        assert exact.status in ("infeasible", "unknown")
+    elif exact.status == "optimal":
+        assert approx_eq(dp.objective, exact.objective)
+    else:  # CP-SAT ran out of time: its bound must still hold
+        assert approx_le(exact.lower_bound, dp.objective) and approx_le(dp.objective, exact.objective)
+
+
+def test_chain_builder_round_trip():
+    chain = Chain((1, 2, 3), (2, 4, 6), (10, 20, 30), (5, 10, 20))
+    instance = chain_instance(chain, 100)
+    assert chain_layout(instance).chain == chain
+    assert chain_layout(RematInstance.from_dict(instance.to_dict())).chain == chain
+    assert instance.total_cost == 18
+
+
+def test_chain_dp_rejects_other_graphs(instances_dir):
+    instance = RematInstance.load(instances_dir / "remat" / "VGG16_b90.json")
+    with pytest.raises(ValueError, match="chain-dp needs a chain"):
+        solve_remat(instance, "chain-dp")
+
+
+def public_instances(instances_dir, pattern="*.json"):
+    return sorted((instances_dir / "remat").glob(pattern))
+
+
+def test_public_instances_every_solver_validates(instances_dir):
+    for path in public_instances(instances_dir):
+        instance = RematInstance.load(path)
+        for solver in REMAT_SOLVERS:
+            if solver == "chain-dp" and chain_layout(instance) is None:
+                continue
+            result = solve_remat(instance, solver, time_limit=1)
+            again = RematSchedule.from_dict(result.schedule.to_dict())
+            validate_remat(again)
+            assert approx_le(result.lower_bound, result.objective) or result.status in ("infeasible", "unknown")
+            assert (result.status == "infeasible") == (path.stem in INFEASIBLE), (path.stem, solver)
+
+
+def test_cpsat_proves_small_public_optimum(instances_dir):
+    instance = RematInstance.load(instances_dir / "remat" / "VGG16_b90.json")
+    result = solve_remat(instance, "cpsat", time_limit=30)
+    assert result.status == "optimal"
+    assert result.objective < solve_remat(instance, "sqrt-n").objective
