@@ -105,6 +105,7 @@ def plain_row(problem: LossProblem, instance: RematInstance) -> dict:
 def tasks(fractions: tuple[float, ...]) -> list[tuple[float, str, str]]:
     """(budget fraction, solver, apply mode); fraction 1.0 holds the no-remat reference rows."""
     rows = [(1.0, "plain-jax-grad", "none"), (1.0, "checkpoint-all", "explicit")]
+    rows += [(1.0, f"jax-{p}", "explicit") for p in POLICIES]
     for f in fractions:
         rows += [(f, s, "explicit") for s in SOLVERS] + [(f, f"jax-{p}", "explicit") for p in POLICIES]
         rows.append((f, "cpsat", "policy"))

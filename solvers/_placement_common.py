@@ -67,9 +67,29 @@ def batch_lower_bounds(instance: PlacementInstance, batches: Batches) -> np.ndar
 
 def lower_bound(instance: PlacementInstance, batches: Batches | None = None) -> float:
     """A proven lower bound on the 3.2 cost of every placement: the cost is the batch-weighted
-    mean of per-batch maxima, each at least its `batch_lower_bounds` entry."""
+    mean of per-batch maxima, each at least its `batch_lower_bounds` entry; at b = 1, at least
+    `single_token_bound` too."""
     batches = aggregate(instance) if batches is None else batches
-    return float(batches.weights @ batch_lower_bounds(instance, batches))
+    per_batch = batch_lower_bounds(instance, batches)
+    bound = float(batches.weights @ per_batch)
+    if instance.batch_size == 1:
+        bound = max(bound, single_token_bound(instance, batches, per_batch))
+    return bound
+
+
+def single_token_bound(instance: PlacementInstance, batches: Batches, per_batch: np.ndarray) -> float:
+    """At b = 1 each batch is one token t (the aggregated rows are distinct expert sets). If an
+    expert of t has one replica, its host carries a full 1, so cost_t >= max(1, lb_t). Replicated
+    experts each take a spare slot, so at most S = C*G - E experts are replicated, and the tokens
+    whose experts are all replicated are distinct subsets of those S experts: at most
+    sum_j comb(S, j) over the token sizes j present. Granting the cheaper lb_t to the tokens where
+    it saves most bounds the cost of every placement from below."""
+    spare = instance.num_slots - instance.num_experts
+    sizes = {int(j) for j in batches.counts.sum(axis=1)}
+    cheap_tokens = sum(math.comb(spare, j) for j in sizes)
+    unreplicated = np.maximum(per_batch, 1.0)
+    savings = np.sort(batches.weights * (unreplicated - per_batch))[::-1]
+    return float(batches.weights @ unreplicated - savings[:cheap_tokens].sum())
 
 
 def transfers(current: Sequence[Sequence[int]] | None, devices: Sequence[Sequence[int]]) -> int:

@@ -21,11 +21,14 @@ forward values to hold, which is the checkpoint choice k (several checkpoints ar
 choice of the right segment) and whether the value left of a finished segment is kept (mode 1) or
 dropped and recomputed (mode 0). The tests compare it with CP-SAT and a brute force.
 
-Revolve (Griewank & Walther 2000) in this model: with uf_0 = 0 (f_0 is the given state x_0),
-uf_i = 1 for the l steps, ub = 0, g = 0 and unit x, reversing l steps with s snapshots is the chain
-of l + 1 layers under budget s + 2 (the s snapshots, of which x_0 is one, plus the two values a
-forward step or a backward step touches beyond them), and the DP's cost equals Revolve's minimal
-forward-step count plus l (the l taping forward steps Revolve's reverse steps perform and we count).
+Revolve (Griewank & Walther 2000) in this model: reversing l steps x_0 -> x_l with s snapshots is
+the chain of l + 1 unit layers (f_i = x_i, f_0 computes the input x_0), unit output and gradient
+sizes, forward cost 1 and backward cost 0, under budget s + 3 (the s snapshots, plus the output
+of the layer being reversed, which is the value Revolve's reverse step re-tapes, and the incoming
+and outgoing gradients). The DP's cost is then Revolve's minimal number of forward steps,
+t*l - C(s+t, s+1), plus 2: the computation of x_0, which Revolve is given, and one forward step
+Revolve performs inside a reverse step (tests/test_remat_solvers.py checks the identity for every
+l <= 30, s <= 5).
 
 Memory is counted in integer units, vectorised over the memory axis with numpy: O(n^3 M) time,
 O(n^2 M) space. When every size and the budget are integers the unit is their gcd and the DP is
@@ -43,7 +46,7 @@ import numpy as np
 from pipesched._common import tol
 from pipesched.remat import ChainLayout
 
-MAX_TABLE_ENTRIES = 60_000_000  # 3 float64 tables of n x n x (M+1): about 1.4 GB at most
+MAX_TABLE_ENTRIES = 30_000_000  # 3 float64 tables of (M+1) x n x n: at most 720 MB
 
 
 class Discretisation(NamedTuple):

@@ -124,7 +124,8 @@ def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int
         present.append(pv), start.append(sv), end.append(ev), retain.append(rv), slot.append(cv)
 
     # constraints
-    computations = sum(p for pv in present for p in pv)
+    computations = model.NewIntVar(n, horizon, "computations")
+    model.Add(computations == sum(p for pv in present for p in pv))
     for v in range(n):  # no idle position before the last computation (removes symmetric gaps)
         for c in range(caps[v]):
             model.Add(start[v][c] < computations).OnlyEnforceIf(present[v][c])
@@ -163,6 +164,7 @@ def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
+    solver.parameters.max_presolve_iterations = 1  # a second probing pass costs much, gains little
     callback = None
     if progress:
         from tqdm.auto import tqdm

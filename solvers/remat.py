@@ -28,8 +28,11 @@ from pipesched.solvers._remat_steps import Step, computes_of, steps_from_compute
 from pipesched.solvers._result import Result
 
 REMAT_SOLVERS = ("cpsat", "chain-dp", "checkpoint-all", "sqrt-n", "chen-greedy", "greedy")
-MAX_COPIES = 32  # per node in the CP-SAT model; above it the model is clipped (not exact)
-SEARCH_SHARE = 0.3  # share of the time left given to a clipped (search-only) CP-SAT model
+MAX_COPIES = 64  # per node in the CP-SAT model; above it the model is clipped (not exact)
+REORDER_SHARE = 0.25  # share of the time for a first no-remat model (one copy per node): a new order
+SEARCH_COPIES = 2  # copies per node in a search-only round (the proven caps are too large)
+SEARCH_SHARE = 0.3  # share of the time left for a first round whose better cost shrinks the caps
+LARGE_MODEL = 1.5  # a model with more copies than this many per node gets such a first round
 MAX_READ_LITERALS = 200_000  # size guard for the CP-SAT model
 
 
@@ -138,37 +141,59 @@ def _chain_dp(instance: RematInstance, started: float) -> Result:
 
 def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, progress: bool,
            started: float) -> Result:
-    """Warm start from `greedy`; while the proven copy caps (which shrink as the best known cost
-    falls) are too large for an exact model, spend part of the time on a clipped model to find a
-    cheaper schedule; then solve the exact model with the time left."""
+    """Warm start from `greedy`. Unless that already costs the no-remat bound, first look for an
+    order that needs no recomputation (one copy per node; found = optimal). The proven copy caps
+    shrink as the best known cost falls, so while
+    they are too large for an exact model (clipped), or the first time the model is large, spend
+    part of the time looking for a cheaper schedule; then solve the exact model with the time
+    left. Every exact round's bound is a proof; the best is kept."""
     best = _cheapest(instance, _greedy(instance))
-    bound = instance.total_cost
+    bound, first, stalled = instance.total_cost, True, False
+    if best is None or not approx_eq(best[1], bound):  # is there an order that needs no remat?
+        reorder = solve_cpsat(instance, [1] * len(instance.nodes), None, time_limit=time_limit * REORDER_SHARE,
+                              workers=workers, seed=seed, progress=progress, caps_exact=False)
+        best = _better(instance, best, reorder.computes)
+        if approx_eq(best[1] if best else -1, bound):
+            return _proven(instance, best[0], bound, "cpsat", started)
     while True:
         caps = copy_caps(instance, None if best is None else best[1])
+        hint = None if best is None else computes_of(instance, best[0])
         clipped = _clip(instance, caps)
         exact = clipped == caps
+        if not exact:  # a search-only round: a small model finds cheaper schedules fast
+            used = [0] * len(caps) if hint is None else [hint.count(v) for v in range(len(caps))]
+            clipped = [min(c, max(SEARCH_COPIES, k)) for c, k in zip(caps, used)]
         remaining = time_limit - (time.perf_counter() - started)
-        budget = remaining if exact else remaining * SEARCH_SHARE
-        hint = None if best is None else computes_of(instance, best[0])
-        if hint is not None and any(hint.count(v) > clipped[v] for v in set(hint)):
-            hint = None
+        large = sum(clipped) > LARGE_MODEL * len(instance.nodes)
+        final = exact and not (large and first)
+        budget = remaining if final or stalled else remaining * SEARCH_SHARE
+        first = False
         outcome = solve_cpsat(instance, clipped, hint, time_limit=budget, workers=workers, seed=seed,
                               progress=progress, caps_exact=exact)
         if outcome.proven_infeasible:
             return _finish(instance, [], instance.total_cost, "infeasible", "cpsat", started)
         if outcome.exact:
             bound = max(bound, outcome.bound)
-        improved = False
-        if outcome.computes is not None:
-            steps = steps_from_computes(instance, outcome.computes)
-            cost, peak = evaluate_steps(instance, steps, enforce_budget=False)
-            if approx_le(peak, instance.budget) and (best is None or approx_lt(cost, best[1])):
-                best, improved = (steps, cost), True
-        if exact or not improved or time.perf_counter() - started >= time_limit:
+        previous = best
+        best = _better(instance, best, outcome.computes)
+        improved = best is not previous
+        if outcome.proven_optimal or final or (stalled and not exact) \
+                or time.perf_counter() - started >= time_limit:
             break
+        stalled = not improved
     if best is None:
         return _finish(instance, [], bound, "unknown", "cpsat", started)
     return _proven(instance, best[0], bound, "cpsat", started)
+
+
+def _better(instance: RematInstance, best: tuple[list[Step], float] | None, computes: list[int] | None
+            ) -> tuple[list[Step], float] | None:
+    """`best` or the schedule of `computes`, whichever fits and costs less."""
+    if computes is None:
+        return best
+    steps = steps_from_computes(instance, computes)
+    cost, peak = evaluate_steps(instance, steps, enforce_budget=False)
+    return (steps, cost) if approx_le(peak, instance.budget) and (best is None or cost < best[1]) else best
 
 
 def _clip(instance: RematInstance, caps: list[int]) -> list[int]:

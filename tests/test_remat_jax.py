@@ -208,3 +208,10 @@ def test_compiled_memory_is_within_15_percent_of_the_prediction(small_gpt_measur
     for report in small_gpt_measurements:
         assert abs(report.relative_gap) <= 0.15, report
         assert report.fixed == report.measured.argument + report.measured.output  # params, data, grads
+
+
+def test_timed_nodes_keep_the_graph_and_give_positive_integer_costs(mlp):
+    problem, by_flops = mlp
+    timed = remat_instance_from_jax(problem.loss_fn, *problem.args, time_nodes=True)
+    assert [(n.id, n.memory, n.deps) for n in timed.nodes] == [(n.id, n.memory, n.deps) for n in by_flops.nodes]
+    assert all(isinstance(n.cost, int) and n.cost >= 1 for n in timed.nodes)

@@ -53,31 +53,70 @@ def brute_force_optimum(instance: RematInstance) -> float | None:
 
 @st.composite
 def random_dags(draw, max_nodes: int = 8) -> RematInstance:
-    n = draw(st.integers(2, max_nodes))
+    n = draw(st.integers(3, max_nodes))
     nodes = []
     for i in range(n):
-        deps = draw(st.lists(st.integers(0, i - 1), max_size=3, unique=True)) if i else []
-        nodes.append(RematNode(f"v{i}", draw(st.integers(0, 6)), draw(st.integers(1, 5)),
-                               tuple(f"v{d}" for d in sorted(deps))))
-    instance = RematInstance("random", tuple(nodes), 0)
-    lo, hi = smallest_peak(instance), instance.reference_peak
-    return instance.with_budget(draw(st.integers(int(lo) - 1, int(hi))))
+        skips = draw(st.lists(st.integers(0, i - 2), max_size=2, unique=True)) if i > 1 else []
+        deps = sorted(set(skips) | ({i - 1} if i else set()))  # a backbone with skip connections
+        nodes.append(RematNode(f"v{i}", draw(st.integers(0, 6)), draw(st.integers(1, 8)),
+                               tuple(f"v{d}" for d in deps)))
+    return with_some_budget(draw, RematInstance("random", tuple(nodes), 0))
 
 
-@given(random_dags())
-def test_cpsat_is_exact_and_bounds_every_heuristic(instance):
-    optimum = brute_force_optimum(instance)
-    exact = solve_remat(instance, "cpsat", time_limit=20)
-    if optimum is None:
-        assert exact.status in ("infeasible", "unknown")
-        return
-    assert exact.status == "optimal"
-    assert approx_eq(exact.objective, optimum)
-    for solver in HEURISTICS:
-        result = solve_remat(instance, solver)
-        assert approx_le(result.lower_bound, optimum)
-        if result.status in ("optimal", "feasible"):
-            assert approx_le(exact.objective, result.objective)
+@st.composite
+def training_graphs(draw, max_layers: int = 4) -> RematInstance:
+    """Forward layers with skips, then backward nodes reading the gradient and forward values."""
+    k = draw(st.integers(2, max_layers))
+    node = lambda name, deps: RematNode(name, draw(st.integers(0, 6)), draw(st.integers(1, 8)),  # noqa: E731
+                                        tuple(deps))
+    nodes = [node(f"f{i}", [f"f{j}" for j in draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=2,
+                                                                   unique=True))] if i else [])
+             for i in range(k)]
+    for i in reversed(range(k)):
+        reads = draw(st.lists(st.integers(0, k - 1), min_size=1, max_size=2, unique=True))
+        nodes.append(node(f"b{i}", ([f"b{i + 1}"] if i < k - 1 else []) + [f"f{j}" for j in sorted(reads)]))
+    return with_some_budget(draw, RematInstance("training", tuple(nodes), 0))
+
+
+def with_some_budget(draw, instance: RematInstance) -> RematInstance:
+    """A budget from just below the smallest possible peak up to the reference peak."""
+    lo, hi = int(smallest_peak(instance)), int(instance.reference_peak)
+    extra = draw(st.sampled_from([1, 2, 3, 0, -1, hi - lo, (hi - lo) // 2]))  # where remat pays off
+    return instance.with_budget(min(lo + extra, hi))
+
+
+@st.composite
+def random_chains(draw, max_layers: int) -> RematInstance:
+    n = draw(st.integers(1, max_layers))
+    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))  # noqa: E731
+    chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
+    return with_some_budget(draw, chain_instance(chain, 0))
+
+
+def distinct_optima(graph: RematInstance) -> dict[float, float | None]:
+    """budget -> brute-force optimum, for the smallest budget of each distinct optimum (and one
+    infeasible budget when there is one) between the smallest possible peak - 1 and the reference peak."""
+    found: dict[float | None, float] = {}
+    for budget in range(int(smallest_peak(graph)) - 1, int(graph.reference_peak) + 1):
+        found.setdefault(brute_force_optimum(graph.with_budget(budget)), budget)
+    return {budget: optimum for optimum, budget in found.items()}
+
+
+@given(st.one_of(random_dags(), training_graphs(), random_chains(max_layers=4)))
+def test_cpsat_is_exact_and_bounds_every_heuristic(graph):
+    for budget, optimum in distinct_optima(graph).items():
+        instance = graph.with_budget(budget)
+        exact = solve_remat(instance, "cpsat", time_limit=20)
+        if optimum is None:
+            assert exact.status in ("infeasible", "unknown")
+            continue
+        assert exact.status == "optimal"
+        assert approx_eq(exact.objective, optimum)
+        for solver in HEURISTICS:
+            result = solve_remat(instance, solver)
+            assert approx_le(result.lower_bound, optimum)
+            if result.status in ("optimal", "feasible"):
+                assert approx_le(exact.objective, result.objective)
 
 
 def revolve_forward_steps(steps: int, snapshots: int) -> int:
@@ -101,16 +140,6 @@ def test_chain_dp_reproduces_revolve():
             result = solve_remat(revolve_chain(steps, snapshots), "chain-dp")
             assert result.status == "optimal"
             assert result.objective == revolve_forward_steps(steps, snapshots) + 2, (steps, snapshots)
-
-
-@st.composite
-def random_chains(draw, max_layers: int) -> RematInstance:
-    n = draw(st.integers(1, max_layers))
-    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))  # noqa: E731
-    chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
-    instance = chain_instance(chain, 0)
-    lo, hi = smallest_peak(instance), instance.reference_peak
-    return instance.with_budget(draw(st.integers(int(lo) - 1, int(hi))))
 
 
 @given(random_chains(max_layers=4))

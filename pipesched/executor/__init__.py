@@ -1,17 +1,18 @@
 """JAX executor: compile a pipeline schedule into one SPMD program over a `pipe` mesh and run it."""
 
 from pipesched.executor._compile import AXIS, PipelineProgram, build_program, make_mesh, stack_params, unstack
+from pipesched.executor._distributed import ProcessFailure, distributed_grads, supervise, worker_commands
 from pipesched.executor._models import (MODELS, Batch, ModelConfig, StagedModel, make_batch, make_model,
                                         reference_grads, reference_loss)
 from pipesched.executor._plan import Plan, executed_form, make_plan, tick_schedule
 from pipesched.executor._profile import StageMemory, profile_instance, stage_times
 from pipesched.executor._run import (REPORT_FORMAT, Pipeline, byte_instance, compile_pipeline, compiled_memory_bytes,
-                                     gradient_error, predicted_times, run, train_step_fn)
+                                     gradient_error, loss_curves, predicted_times, run, train_step_fn)
 
 __all__ = [
-    "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan", "StageMemory",
-    "StagedModel", "build_program", "byte_instance", "compile_pipeline", "compiled_memory_bytes", "executed_form",
-    "gradient_error", "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance",
-    "reference_grads", "reference_loss", "run", "stack_params", "stage_times", "tick_schedule", "train_step_fn",
-    "unstack",
+    "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
+    "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
+    "compiled_memory_bytes", "distributed_grads", "executed_form", "gradient_error", "loss_curves", "make_batch", "make_mesh",
+    "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads", "reference_loss", "run",
+    "stack_params", "stage_times", "supervise", "tick_schedule", "train_step_fn", "unstack", "worker_commands",
 ]

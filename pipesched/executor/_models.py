@@ -21,6 +21,11 @@ from flax import nnx
 MODELS = ("gpt-tiny", "mlp")
 
 
+def _array(values: np.ndarray) -> jax.Array:
+    """A device array made on the host (no per-op compilation), float64 stored as float32."""
+    return jnp.asarray(values.astype(np.float32) if values.dtype == np.float64 else values)
+
+
 class Tap(nnx.Variable):
     """Zero added to an Affine op's output; its cotangent is the op's output gradient."""
 
@@ -32,9 +37,9 @@ class Input(nnx.Variable):
 class Affine(nnx.Module):
     """Base of every parametric op: `op(x)` is linear in the module's parameters."""
 
-    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_dtype=jnp.float32):
-        self.input = Input(jnp.zeros(in_shape, in_dtype))
-        self.tap = Tap(jnp.zeros(out_shape, jnp.float32))
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], in_dtype=np.float32):
+        self.input = Input(_array(np.zeros(in_shape, in_dtype)))
+        self.tap = Tap(_array(np.zeros(out_shape, np.float32)))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         self.input.set_value(x)
@@ -42,19 +47,19 @@ class Affine(nnx.Module):
 
 
 class Linear(Affine):
-    def __init__(self, lead: tuple[int, ...], din: int, dout: int, rngs: nnx.Rngs, gain: float = 1.0):
+    def __init__(self, lead: tuple[int, ...], din: int, dout: int, rng: np.random.Generator, gain: float = 1.0):
         super().__init__((*lead, din), (*lead, dout))
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (din, dout)) * gain / np.sqrt(din))
-        self.bias = nnx.Param(jnp.zeros((dout,)))
+        self.kernel = nnx.Param(_array(rng.standard_normal((din, dout)) * gain / np.sqrt(din)))
+        self.bias = nnx.Param(_array(np.zeros(dout)))
 
     def op(self, x: jax.Array) -> jax.Array:
         return x @ self.kernel[...] + self.bias[...]
 
 
 class Embed(Affine):
-    def __init__(self, lead: tuple[int, ...], vocab: int, width: int, rngs: nnx.Rngs):
-        super().__init__(lead, (*lead, width), jnp.int32)
-        self.table = nnx.Param(jax.random.normal(rngs.params(), (vocab, width)) * 0.5)
+    def __init__(self, lead: tuple[int, ...], vocab: int, width: int, rng: np.random.Generator):
+        super().__init__(lead, (*lead, width), np.int32)
+        self.table = nnx.Param(_array(rng.standard_normal((vocab, width)) * 0.5))
 
     def op(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.table[...], tokens, axis=0)
@@ -65,8 +70,8 @@ class Scale(Affine):
 
     def __init__(self, shape: tuple[int, ...]):
         super().__init__(shape, shape)
-        self.scale = nnx.Param(jnp.ones(shape[-1:]))
-        self.bias = nnx.Param(jnp.zeros(shape[-1:]))
+        self.scale = nnx.Param(_array(np.ones(shape[-1:])))
+        self.bias = nnx.Param(_array(np.zeros(shape[-1:])))
 
     def op(self, x: jax.Array) -> jax.Array:
         return x * self.scale[...] + self.bias[...]
@@ -102,14 +107,14 @@ class ModelConfig:
 class Block(nnx.Module):
     """Pre-norm transformer block: causal self-attention then a GELU MLP, both residual."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         lead, d = (cfg.microbatch, cfg.seq_len), cfg.width
         self.heads = cfg.heads
         self.norm1, self.norm2 = LayerNorm((*lead, d)), LayerNorm((*lead, d))
-        self.qkv = Linear(lead, d, 3 * d, rngs)
-        self.proj = Linear(lead, d, d, rngs)
-        self.up = Linear(lead, d, 4 * d, rngs)
-        self.down = Linear(lead, 4 * d, d, rngs)
+        self.qkv = Linear(lead, d, 3 * d, rng)
+        self.proj = Linear(lead, d, d, rng)
+        self.up = Linear(lead, d, 4 * d, rng)
+        self.down = Linear(lead, 4 * d, d, rng)
 
     def __call__(self, h: jax.Array) -> jax.Array:
         b, t, d = h.shape
@@ -125,12 +130,12 @@ class Block(nnx.Module):
 class GPTStage(nnx.Module):
     """A slice of the transformer: [embedding] + `layers` blocks + [final norm, LM head, loss]."""
 
-    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rng: np.random.Generator):
         lead = (cfg.microbatch, cfg.seq_len)
-        self.embed = Embed(lead, cfg.vocab, cfg.width, rngs) if first else None
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
+        self.embed = Embed(lead, cfg.vocab, cfg.width, rng) if first else None
+        self.blocks = nnx.List([Block(cfg, rng) for _ in range(cfg.layers)])
         self.norm = LayerNorm((*lead, cfg.width)) if last else None
-        self.head = Linear(lead, cfg.width, cfg.vocab, rngs) if last else None
+        self.head = Linear(lead, cfg.width, cfg.vocab, rng) if last else None
 
     def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
         if self.embed is not None:
@@ -147,10 +152,10 @@ class GPTStage(nnx.Module):
 class MLPStage(nnx.Module):
     """A slice of a residual MLP regressor: `layers` GELU layers, the last stage adds an MSE loss."""
 
-    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rng: np.random.Generator):
         lead, d = (cfg.microbatch,), cfg.width
-        self.layers = nnx.List([Linear(lead, d, d, rngs, gain=0.5) for _ in range(cfg.layers)])
-        self.head = Linear(lead, d, d, rngs) if last else None
+        self.layers = nnx.List([Linear(lead, d, d, rng, gain=0.5) for _ in range(cfg.layers)])
+        self.head = Linear(lead, d, d, rng) if last else None
         self.first = first
 
     def __call__(self, h: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -190,9 +195,9 @@ def make_model(config: ModelConfig, num_stages: int, seed: int = 0) -> StagedMod
     """Build `num_stages` stages with independent random parameters."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    rngs = nnx.Rngs(params=seed)
+    rng = np.random.default_rng(seed)
     cls = GPTStage if config.name == "gpt-tiny" else MLPStage
-    parts = [nnx.split(cls(config, s == 0, s == num_stages - 1, rngs), nnx.Param, Tap, Input)
+    parts = [nnx.split(cls(config, s == 0, s == num_stages - 1, rng), nnx.Param, Tap, Input)
              for s in range(num_stages)]
     return StagedModel(config, *(tuple(column) for column in zip(*parts)))
 
@@ -206,13 +211,12 @@ class Batch(NamedTuple):
 
 def make_batch(config: ModelConfig, num_microbatches: int, seed: int = 0) -> Batch:
     """Random data with learnable structure (next token = f(token); targets = a smooth map of x)."""
-    key_x, key_y = jax.random.split(jax.random.key(seed))
+    rng = np.random.default_rng(seed)
     if config.name == "gpt-tiny":
-        shape = (num_microbatches, config.microbatch, config.seq_len)
-        tokens = jax.random.randint(key_x, shape, 0, config.vocab)
-        return Batch(tokens, (tokens * 7 + 3) % config.vocab)
-    x = jax.random.normal(key_x, (num_microbatches, config.microbatch, config.width))
-    return Batch(x, jnp.sin(x @ jax.random.normal(key_y, (config.width, config.width)) / 2))
+        tokens = rng.integers(0, config.vocab, (num_microbatches, config.microbatch, config.seq_len), np.int32)
+        return Batch(_array(tokens), _array((tokens * 7 + 3) % config.vocab))
+    x = rng.standard_normal((num_microbatches, config.microbatch, config.width))
+    return Batch(_array(x), _array(np.sin(x @ rng.standard_normal((config.width, config.width)) / 2)))
 
 
 def stage_apply(model: StagedModel, stage: int, params: nnx.State, h: jax.Array, x: jax.Array,

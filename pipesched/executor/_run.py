@@ -14,7 +14,8 @@ import optax
 from tqdm import tqdm
 
 from pipesched.executor._compile import PipelineProgram, build_program, make_mesh, stack_params, unstack
-from pipesched.executor._models import Batch, ModelConfig, StagedModel, make_batch, make_model, reference_grads
+from pipesched.executor._models import (Batch, ModelConfig, StagedModel, make_batch, make_model, reference_grads,
+                                        reference_loss)
 from pipesched.executor._plan import executed_form, make_plan, tick_schedule
 from pipesched.executor._profile import StageMemory
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline, program_of, simulate
@@ -49,20 +50,47 @@ def gradient_error(pipeline: Pipeline) -> tuple[float, float, float]:
     """(pipelined loss, reference loss, max |grad - reference grad|) on the pipeline's batch."""
     loss, grads = pipeline.program.grads(pipeline.params, pipeline.batch)
     ref_loss, ref_grads = reference_grads(pipeline.model, pipeline.model.params, jax.device_get(pipeline.batch))
-    grads = jax.device_get(unstack(pipeline.program.plan, grads))
+    grads = unstack(pipeline.program.plan, jax.device_get(grads))
     error = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                 for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
     return float(loss), float(ref_loss), error
 
 
 def train_step_fn(pipeline: Pipeline, optimizer: optax.GradientTransformation):
-    """Jitted (params, opt_state, batch) -> (params, opt_state, loss) of the pipelined program."""
+    """(params, opt_state, batch) -> (params, opt_state, loss): the pipelined program, then a
+    separately jitted optimizer update (so the program compiled for the gradients is reused)."""
     @jax.jit
+    def update(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
     def step(params, opt_state, batch):
         loss, grads = pipeline.program.grads(params, batch)
+        return *update(params, opt_state, grads), loss
+    return step
+
+
+def loss_curves(pipeline: Pipeline, steps: int, learning_rate: float = 1e-3, progress: bool = False
+                ) -> tuple[list[float], list[float]]:
+    """Losses of `steps` Adam steps on the pipeline's batch: pipelined, and unpipelined on one device."""
+    optimizer = optax.adam(learning_rate)
+    pipelined = train_step_fn(pipeline, optimizer)
+
+    @jax.jit
+    def unpipelined(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(lambda p: reference_loss(pipeline.model, p, batch))(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
-    return step
+
+    curves = []
+    for step, params, batch in ((pipelined, pipeline.params, pipeline.batch),
+                                (unpipelined, pipeline.model.params, jax.device_get(pipeline.batch))):
+        opt_state, losses = optimizer.init(params), []
+        for _ in tqdm(range(steps), desc="loss curve", disable=not progress):
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses.append(float(loss))
+        curves.append(losses)
+    return curves[0], curves[1]
 
 
 def compiled_memory_bytes(pipeline: Pipeline) -> int:

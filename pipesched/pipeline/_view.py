@@ -75,10 +75,10 @@ def gantt(schedule: PipelineSchedule, path: str | Path, *, title: str | None = N
     ax.set_yticks(range(P), [f"device {d}" for d in range(P)])
     ax.invert_yaxis()
     used = sorted({op.op for op in schedule.ops}, key="FBWR".index)
-    ax.legend(handles=[Patch(color=OP_COLORS[k], label=OP_NAMES[k]) for k in used], loc="upper right",
-              fontsize=8, ncols=len(used) or 1)
+    ax.legend(handles=[Patch(color=OP_COLORS[k], label=OP_NAMES[k]) for k in used], loc="lower right",
+              bbox_to_anchor=(1.0, 1.0), fontsize=8, ncols=len(used) or 1, frameon=False)
     ax.set_title(title or f"{instance.name or 'pipeline'}: {schedule.solver}, makespan {schedule.makespan:g}, "
-                 f"lower bound {schedule.lower_bound}, {schedule.status}")
+                 f"lower bound {schedule.lower_bound}, {schedule.status}", loc="left", fontsize=10)
 
     timeline = memory_timeline(instance, schedule.ops)
     end = max(schedule.makespan, 1e-9)
@@ -90,7 +90,7 @@ def gantt(schedule: PipelineSchedule, path: str | Path, *, title: str | None = N
             mem_ax.axhline(instance.limit(d), color=line.get_color(), linestyle="--", linewidth=0.8)
     mem_ax.set_ylabel("activation memory")
     mem_ax.set_xlabel("time")
-    mem_ax.legend(fontsize=7, ncols=min(P, 8), loc="upper right")
+    mem_ax.legend(fontsize=7, ncols=min(P, 8), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,18 +2,24 @@
 
 Two ways to realise "save the kept values, recompute the rest", both giving the same gradients:
 
-* ``mode="explicit"`` (default): a `jax.custom_vjp` whose forward saves the kept block values
-  and whose backward walks the blocks in reverse, recomputing (once, just in time, depth-first)
-  each block value it needs that was not kept, then running the block's VJP -- the steps of
-  `realized_steps`. Each recomputation and VJP reads its inputs through `_foil(x, token)`, an
-  exact no-op (x + 0 * token) whose token comes from the block's incoming cotangent. This data
-  dependency stops XLA from merging a recomputation with the forward computation (CSE) and
-  from hoisting it before the backward reaches it; XLA:CPU drops `jax.checkpoint`'s
-  optimization barriers, so without it the recomputation is undone and memory does not fall.
+* ``mode="explicit"`` (default): a `jax.custom_vjp`. Its forward rule runs the schedule's steps
+  up to its first backward node and saves the block values resident there; its backward rule
+  runs the remaining steps: a forward node is a recomputation of that block, ``grad:NAME`` the
+  block's VJP (cotangents are summed per value). Given only names to keep, the steps are those
+  of `realized_steps`: keep them, recompute the others once, just in time, depth-first.
+  Recomputations and VJPs read their inputs through `_foil(x, token)`, a no-op for finite
+  cotangents (x + 0 * token), the token taken from the latest cotangent. This dependency stops XLA
+  from merging a recomputation with the forward computation (CSE) and from hoisting it before
+  the backward reaches it: XLA:CPU drops `jax.checkpoint`'s optimization barriers, so there the
+  JAX-native form below is undone and memory does not fall.
 * ``mode="policy"``: the JAX-native form: every block is tagged with
   `checkpoint_name(value, block_name)` and the whole loss runs under
-  ``jax.checkpoint(policy=save_only_these_names(*kept))``. Correct everywhere, but memory only
-  falls where the compiler honours the optimization barriers (not XLA:CPU).
+  ``jax.checkpoint(policy=save_only_these_names(*kept))``. Same gradients; on XLA:CPU the
+  compiled memory does not fall (experiments/bench_remat_jax.md); where the compiler keeps the
+  optimization barriers (GPU, TPU) it should, but that is not measured here.
+
+Recomputations a schedule makes before its first backward node are not foiled: XLA may merge
+them with the first computation.
 """
 
 from __future__ import annotations
@@ -161,7 +167,7 @@ def _token(values: Sequence[Any]) -> jax.Array:
     return jnp.ravel(first)[0]
 
 
-def _zeros(var: jcore.Var) -> Any:
+def _zero_cotangent(var: jcore.Var) -> Any:
     if jnp.issubdtype(var.aval.dtype, jnp.inexact):
         return jnp.zeros(var.aval.shape, var.aval.dtype)
     return np.zeros(var.aval.shape, dtype=jax.dtypes.float0)
@@ -179,7 +185,7 @@ def _explicit(traced: TracedLoss, plan: _Plan) -> Callable[[list[Any]], list[Any
         if var not in owner:
             return env[var]
         b, k = owner[var]
-        return values[b][k] if b in values else None  # None: not resident, so not read
+        return values[b][k] if b in values else None
 
     def compute(env: dict[jcore.Var, Any], values: dict[int, list[Any]], b: int, token: Any = None) -> None:
         inputs = [lookup(env, values, v) for v in blocks[b].invars]
@@ -227,16 +233,16 @@ def _explicit(traced: TracedLoss, plan: _Plan) -> Callable[[list[Any]], list[Any
                 block_cts = [cts.pop(v, None) for v in block.tagged]
                 if all(c is None for c in block_cts):
                     continue
-                block_cts = [_zeros(v) if c is None else c for c, v in zip(block_cts, block.outvars)]
+                block_cts = [_zero_cotangent(v) if c is None else c for c, v in zip(block_cts, block.outvars)]
                 token = _token(block_cts)
-                inputs = [lookup(env, values, v) for v in block.invars]
-                inputs = [_zeros(v) if x is None else _foil(x, token) for x, v in zip(inputs, block.invars)]
+                inputs = [lookup(env, values, v) for v in block.invars]  # None: the VJP does not read it
+                inputs = [jnp.zeros(v.aval.shape, v.aval.dtype) if x is None else _foil(x, token)
+                          for x, v in zip(inputs, block.invars)]
                 _, pullback = jax.vjp(functions[step.block], *inputs)
                 input_cts = pullback(block_cts)
                 _accumulate(cts, block.invars, input_cts)
                 token = _token([*input_cts, token])
-        return ([cts.get(v, _zeros(v)) if jnp.issubdtype(v.aval.dtype, jnp.inexact) else _zeros(v)
-                 for v in traced.jaxpr.jaxpr.invars],)
+        return ([cts.get(v, _zero_cotangent(v)) for v in traced.jaxpr.jaxpr.invars],)
 
     run.defvjp(run_fwd, run_bwd)
     return run

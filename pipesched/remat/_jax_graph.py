@@ -9,12 +9,15 @@ Graph model (what `remat_instance_from_jax` builds):
   values it needs from earlier blocks are recomputed inside it (so a block is a pure function of
   block values, parameters and data).
 * Forward node ``NAME`` computes block NAME; ``memory`` = bytes of its value; ``cost`` = its FLOPs.
-* Backward node ``grad:NAME`` runs the VJP of block NAME (checkpointed, i.e. recomputing the
-  block's internals, exactly as `apply` runs it). It reads the backward nodes of the block's
-  users (the cotangent of NAME is their sum) and the block's inputs that the traced VJP really
-  reads (from ``jax.make_jaxpr`` of the pullback); its value is the cotangents of the block's
-  inputs (``memory`` = their bytes); ``cost`` = FLOPs of the traced pullback.
+* Backward node ``grad:NAME`` runs the VJP of block NAME, recomputing the block's internals from
+  its inputs (exactly as `apply` runs it). It reads the backward nodes of the block's users (the
+  cotangent of NAME is their sum) and the block's inputs that the traced VJP really reads (from
+  ``jax.make_jaxpr`` of the pullback); its value is the cotangents of the block's inputs
+  (``memory`` = their bytes); ``cost`` = FLOPs of the traced pullback. Blocks with integer
+  values have no backward node.
 * Parameters, data, parameter gradients and the loss are fixed memory, outside the graph.
+* Only names visible in the top-level jaxpr count: a `checkpoint_name` inside `jax.jit`,
+  `nnx.jit`, `lax.scan` or `jax.checkpoint` is part of the block that calls it.
 
 FLOP model (`equation_flops`): ``dot_general`` 2 x (output size) x (contracted size);
 convolutions 2 x (output size) x (kernel size / output features); layout-only primitives
@@ -29,7 +32,6 @@ multiplied by the trip count. Optional per-node timings can replace FLOPs (`time
 from __future__ import annotations
 
 import collections
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -160,10 +162,11 @@ def trace_loss(loss_fn: Callable[..., Any], *args: Any, granularity: str = "name
                  for e in eqns if e.primitive.name == "name"]
     else:
         roots = [(f"e{k}.{e.primitive.name}", tuple(e.outvars), tuple(e.outvars)) for k, e in enumerate(eqns)]
-    names = [r[0] for r in roots]
+    names = [r[0] for r in roots] + [OUTPUT]
     if len(set(names)) != len(names):
         dup = next(n for n, c in collections.Counter(names).items() if c > 1)
-        raise ValueError(f"checkpoint_name {dup!r} is used twice: give every named value a unique name")
+        raise ValueError(f"checkpoint_name {dup!r} is used twice (or is {OUTPUT!r}, the loss block): "
+                         "give every named value a unique name")
     stop = {v for _, _, tagged in roots for v in tagged} | set(jaxpr.invars) | set(jaxpr.constvars)
     blocks = []
     for name, outvars, tagged in roots:
@@ -194,7 +197,7 @@ def _pullback_jaxpr(block: Block) -> tuple[jcore.ClosedJaxpr, int]:
     cts = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in block.outvars]
 
     def pullback(ins: list[Any], cts: list[Any]) -> Any:
-        return jax.vjp(lambda *xs: fn(*xs), *ins)[1](cts)
+        return jax.vjp(fn, *ins)[1](cts)
 
     return jax.make_jaxpr(pullback)(ins, cts), len(ins)
 
@@ -228,23 +231,21 @@ def remat_instance_from_jax(loss_fn: Callable[..., Any], *args: Any, name: str =
         for v in block.invars:
             if v in owner and block.name not in users[owner[v]]:
                 users[owner[v]].append(block.name)
+    graded = {b.name for b in traced.blocks if any(_differentiable(v) for v in b.outvars)}
     forward, backward = [], []
     for block in traced.blocks:
         deps = tuple(dict.fromkeys(owner[v] for v in block.invars if v in owner))
         cost = _time_forward(block) if time_nodes else sum(equation_flops(e) for e in block.eqns)
         forward.append(RematNode(block.name, cost, sum(_bytes(v.aval) for v in block.outvars), deps, False))
-        if not any(_differentiable(v) for v in block.outvars):
+        if block.name not in graded:
             continue
         flops, read = _backward(block)
         reads = [owner[block.invars[i]] for i in sorted(read) if block.invars[i] in owner]
-        grads = [GRAD_PREFIX + u for u in users[block.name]]
+        grads = [GRAD_PREFIX + u for u in users[block.name] if u in graded]
         cotangents = sum(_bytes(v.aval) for v in block.invars if v in owner and _differentiable(v))
         cost = _time_backward(block) if time_nodes else flops
         backward.append(RematNode(GRAD_PREFIX + block.name, cost, cotangents,
                                   tuple(dict.fromkeys(grads + reads)), True))
-    graded = {n.id for n in backward}
-    backward = [dataclasses.replace(n, deps=tuple(d for d in n.deps if not d.startswith(GRAD_PREFIX) or d in graded))
-                for n in backward]
     instance = RematInstance(name, (*forward, *reversed(backward)), 0)
     return instance.with_budget(instance.reference_peak if budget is None else budget)
 
