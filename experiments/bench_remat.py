@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["instance"], r.get("solver")) for r in rows}
     paths = sorted(args.instances.glob("*.json"))
-    todo = [("graph", path, solver) for path in paths for solver in args.solvers
-            if (path.stem, solver) not in done
-            and (solver != "chain-dp" or chain_layout(RematInstance.load(path)) is not None)]
-    todo += [("chain-dp", layers, None) for layers in args.chain_layers
-             if (f"chain_random_l{layers}", None) not in done]
+    todo = [("chain-dp", layers, None) for layers in args.chain_layers
+            if (f"chain_random_l{layers}", None) not in done]
+    todo += [("graph", path, solver) for path in paths for solver in args.solvers
+             if (path.stem, solver) not in done
+             and (solver != "chain-dp" or chain_layout(RematInstance.load(path)) is not None)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for kind, what, solver in tqdm(todo, desc="bench remat"):
         if kind == "graph":

@@ -14,12 +14,16 @@ them from f_{s-1} keeping only the last value:
     C1(s, t, m) = min(C0(s, t, m),   [free f_t now, recompute it later]
                       min_k F(s, k) + C1(k+1, t, m - x_k) + C1(s, k, m)  with g_{t+1} + x_t + P(s, k) <= m)
 
-and the answer is C0(0, n-1, budget) (x_{-1} = g_n = 0). Why this is exact for the graph model:
-dropping useless computations (`_remat_steps`) never hurts, after which each b_i is computed once,
-in order, and b_{i+1} is held until b_i; between two backward steps the only freedom left is which
-forward values to hold, which is the checkpoint choice k (several checkpoints are the nested
-choice of the right segment) and whether the value left of a finished segment is kept (mode 1) or
-dropped and recomputed (mode 0). The tests compare it with CP-SAT and a brute force.
+and the answer is C0(0, n-1, budget) (x_{-1} = g_n = 0).
+
+What it is optimal over: dropping useless computations (`_remat_steps`) never hurts, after which
+each b_i is computed once, in order. The recursion then covers every schedule in which a segment
+holds its left checkpoint until the segment's last backward step (Rotor's and Revolve's
+"persistent" checkpoints), including dropping and recomputing the value at its right end (mode 0).
+The graph model also allows releasing a checkpoint early and recomputing it later from further
+left, which is sometimes cheaper (tests/test_remat_solvers.py keeps a 5-layer example where CP-SAT
+finds 27 and the DP 31). So the DP's schedule is reported "feasible", never "optimal" by itself:
+proofs come from CP-SAT.
 
 Revolve (Griewank & Walther 2000) in this model: reversing l steps x_0 -> x_l with s snapshots is
 the chain of l + 1 unit layers (f_i = x_i, f_0 computes the input x_0), unit output and gradient
@@ -31,9 +35,8 @@ Revolve performs inside a reverse step (tests/test_remat_solvers.py checks the i
 l <= 30, s <= 5).
 
 Memory is counted in integer units, vectorised over the memory axis with numpy: O(n^3 M) time,
-O(n^2 M) space. When every size and the budget are integers the unit is their gcd and the DP is
-exact; otherwise sizes are rounded up and the budget down (feasible schedule) and a second DP with
-sizes rounded down and the budget up gives a proven lower bound.
+O(n^2 M) space. When every size and the budget are integers the unit is their gcd (exact);
+otherwise sizes are rounded up and the budget down, which keeps the schedule valid.
 """
 
 from __future__ import annotations
@@ -43,35 +46,29 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipesched._common import tol
 from pipesched.remat import ChainLayout
 
 MAX_TABLE_ENTRIES = 30_000_000  # 3 float64 tables of (M+1) x n x n: at most 720 MB
 
 
 class Discretisation(NamedTuple):
-    """Sizes x, g and budgets in integer units for the feasible (upper) and relaxed (lower) DP."""
+    """Sizes x, g and the budget in integer units (rounded so that schedules stay valid)."""
 
-    x_upper: np.ndarray
-    g_upper: np.ndarray
-    budget_upper: int
-    x_lower: np.ndarray
-    g_lower: np.ndarray
-    budget_lower: int
+    x: np.ndarray
+    g: np.ndarray
+    budget: int
 
 
 def discretise(x: tuple[float, ...], g: tuple[float, ...], budget: float, max_slots: int) -> Discretisation:
     sizes = list(x) + list(g)
-    slack = budget + tol(budget, budget)
     if all(float(v).is_integer() for v in sizes) and float(budget).is_integer():
         unit = math.gcd(*(int(v) for v in sizes)) or 1
         if budget // unit <= max_slots:
-            xs, gs = np.array(x, dtype=np.int64) // unit, np.array(g, dtype=np.int64) // unit
-            return Discretisation(xs, gs, int(budget // unit), xs, gs, int(slack // unit))
+            return Discretisation(np.array(x, dtype=np.int64) // unit, np.array(g, dtype=np.int64) // unit,
+                                  int(budget // unit))
     unit = max(budget, 1e-300) / max_slots
     up = lambda v: np.ceil(np.array(v, dtype=float) / unit).astype(np.int64)  # noqa: E731
-    down = lambda v: np.floor(np.array(v, dtype=float) / unit).astype(np.int64)  # noqa: E731
-    return Discretisation(up(x), up(g), max_slots, down(x), down(g), int(slack // unit))
+    return Discretisation(up(x), up(g), max_slots)
 
 
 class ChainTables(NamedTuple):

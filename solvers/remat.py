@@ -3,14 +3,15 @@
 Solvers (CLI names in `REMAT_SOLVERS`):
 * ``cpsat``: exact CP-SAT on any graph (`_remat_cpsat`), warm-started from ``greedy``; returns the
   best schedule found and CP-SAT's proven bound (anytime).
-* ``chain-dp``: the optimal chain DP (`_remat_chain_dp`); only for chain graphs.
+* ``chain-dp``: the Rotor chain DP (`_remat_chain_dp`), optimal over persistent-checkpoint
+  schedules; only for chain graphs.
 * ``checkpoint-all``, ``sqrt-n``, ``chen-greedy``: the baselines (`_remat_heuristics`).
 * ``greedy``: the cheapest schedule of all heuristics, including the budget-aware eviction greedy.
 
 Every returned schedule goes through `validate_remat`. Lower bounds (`_remat_bounds`): the
-no-remat cost always; the DP optimum or CP-SAT bound when proven. Status "infeasible" when the
-budget is below `smallest_peak` (or the exact DP / CP-SAT model has no solution); "unknown" when a
-solver finds no schedule that fits.
+no-remat cost always, CP-SAT's bound when its model is exact. Status "infeasible" when the
+budget is below `smallest_peak` or the exact CP-SAT model has no solution; "unknown" when a solver
+finds no schedule that fits.
 """
 
 from __future__ import annotations
@@ -123,20 +124,13 @@ def _chain_dp(instance: RematInstance, started: float) -> Result:
                           "use --solver cpsat for other graphs")
     chain = layout.chain
     n = chain.length
-    slots = max(1, min(4096, MAX_TABLE_ENTRIES // (n * n) - 1))
-    grid = discretise(chain.output_size, chain.gradient_size, instance.budget, slots)
-    upper = chain_tables(chain.forward_cost, chain.backward_cost, grid.x_upper, grid.g_upper,
-                         grid.budget_upper)
-    same = (grid.budget_upper == grid.budget_lower and (grid.x_upper == grid.x_lower).all()
-            and (grid.g_upper == grid.g_lower).all())
-    lower = upper.optimum if same else chain_tables(chain.forward_cost, chain.backward_cost, grid.x_lower,
-                                                    grid.g_lower, grid.budget_lower).optimum
-    bound = max(instance.total_cost, lower)
-    if upper.optimum == float("inf"):
-        status = "infeasible" if lower == float("inf") else "unknown"
-        return _finish(instance, [], instance.total_cost, status, "chain-dp", started)
-    steps = steps_from_computes(instance, chain_computes(upper, layout))
-    return _proven(instance, steps, bound, "chain-dp", started)
+    grid = discretise(chain.output_size, chain.gradient_size, instance.budget,
+                      max(1, min(4096, MAX_TABLE_ENTRIES // (n * n) - 1)))
+    tables = chain_tables(chain.forward_cost, chain.backward_cost, grid.x, grid.g, grid.budget)
+    if tables.optimum == float("inf"):
+        return _finish(instance, [], instance.total_cost, "unknown", "chain-dp", started)
+    steps = steps_from_computes(instance, chain_computes(tables, layout))
+    return _proven(instance, steps, instance.total_cost, "chain-dp", started)
 
 
 def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, progress: bool,

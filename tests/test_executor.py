@@ -71,9 +71,8 @@ def test_gpt_tiny_remat_gradients_equal_reference(gpt_remat):
     assert abs(loss - ref_loss) <= TOL and error <= TOL
 
 
-def test_training_follows_the_unpipelined_loss_curve():
-    pipeline = compile_pipeline(CASES["remat-split-P2"](), MLP)
-    pipelined, unpipelined = loss_curves(pipeline, steps=5, learning_rate=1e-2)
+def test_gpt_tiny_training_follows_the_unpipelined_loss_curve(gpt_remat):
+    pipelined, unpipelined = loss_curves(gpt_remat, steps=5, learning_rate=1e-2)
     assert unpipelined[-1] < unpipelined[0]  # it learns
     assert max(abs(a - b) for a, b in zip(pipelined, unpipelined)) <= 1e-4
 

@@ -207,7 +207,6 @@ def test_compiled_memory_falls_as_the_budget_falls(small_gpt_measurements):
 def test_compiled_memory_is_within_15_percent_of_the_prediction(small_gpt_measurements):
     for report in small_gpt_measurements:
         assert abs(report.relative_gap) <= 0.15, report
-        assert report.fixed == report.measured.argument + report.measured.output  # params, data, grads
 
 
 def test_timed_nodes_keep_the_graph_and_give_positive_integer_costs(mlp):

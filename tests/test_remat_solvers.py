@@ -138,33 +138,41 @@ def test_chain_dp_reproduces_revolve():
     for steps in range(1, 31):
         for snapshots in range(1, 6):
             result = solve_remat(revolve_chain(steps, snapshots), "chain-dp")
-            assert result.status == "optimal"
+            assert result.status in ("optimal", "feasible")
             assert result.objective == revolve_forward_steps(steps, snapshots) + 2, (steps, snapshots)
 
 
 @given(random_chains(max_layers=4))
-def test_chain_dp_equals_brute_force(instance):
+def test_chain_dp_equals_brute_force_on_short_chains(instance):
     optimum = brute_force_optimum(instance)
     result = solve_remat(instance, "chain-dp")
     if optimum is None:
-        assert result.status == "infeasible"
+        assert result.status in ("infeasible", "unknown")
     else:
-        assert result.status == "optimal"
         assert approx_eq(result.objective, optimum)
+        assert approx_le(result.lower_bound, optimum)
 
 
 @settings(max_examples=8)
 @given(random_chains(max_layers=8))
-def test_chain_dp_equals_cpsat(instance):
+def test_cpsat_never_worse_than_chain_dp(instance):
     dp = solve_remat(instance, "chain-dp")
     exact = solve_remat(instance, "cpsat", time_limit=30)
-    assert dp.status in ("optimal", "infeasible")
-    if dp.status == "infeasible":
-        assert exact.status in ("infeasible", "unknown")
-    elif exact.status == "optimal":
-        assert approx_eq(dp.objective, exact.objective)
-    else:  # CP-SAT ran out of time: its bound must still hold
-        assert approx_le(exact.lower_bound, dp.objective) and approx_le(dp.objective, exact.objective)
+    if dp.status in ("optimal", "feasible"):
+        assert exact.status in ("optimal", "feasible")
+        assert approx_le(exact.objective, dp.objective) and approx_le(exact.lower_bound, dp.objective)
+        if exact.status == "optimal" and not approx_eq(exact.objective, dp.objective):
+            assert dp.status == "feasible"
+
+
+def test_chain_dp_is_not_claimed_optimal_when_a_checkpoint_should_move():
+    """Releasing checkpoint f1 after computing f2 and recomputing f0, f1 later beats every
+    persistent schedule: the DP finds 31, the optimum is 27."""
+    chain = Chain((2, 2, 1, 2, 4), (1, 3, 5, 1, 1), (1, 1, 3, 3, 4), (2, 1, 1, 3, 2))
+    instance = chain_instance(chain, 11)
+    dp, exact = solve_remat(instance, "chain-dp"), solve_remat(instance, "cpsat", time_limit=30)
+    assert (dp.objective, dp.status) == (31, "feasible")
+    assert (exact.objective, exact.status) == (27, "optimal")
 
 
 def test_chain_builder_round_trip():
