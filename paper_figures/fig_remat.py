@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from pipesched.solvers import solve_remat
 
 from pipesched.remat import RematInstance
-from pipesched.solvers import solve_remat
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "experiments" / "results" / "bench_remat.json"

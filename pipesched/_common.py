@@ -187,12 +187,17 @@ def check_result_claims(
 # Files
 
 
-def read_json(path: str | Path) -> Any:
-    """Parse a JSON file; errors omit the file name, which `in_file` adds."""
+def read_text(path: str | Path) -> str:
+    """A file's text; errors omit the file name, which `in_file` adds."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as e:
         raise FormatError(f"cannot read file ({e.strerror})") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; errors omit the file name, which `in_file` adds."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:

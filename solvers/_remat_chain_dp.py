@@ -48,7 +48,7 @@ import numpy as np
 
 from pipesched.remat import ChainLayout
 
-MAX_TABLE_ENTRIES = 30_000_000  # 3 float64 tables of (M+1) x n x n: at most 720 MB
+MAX_TABLE_ENTRIES = 30_000_000  # 5 float32 arrays of (M+1) x n x n: at most 600 MB
 
 
 class Discretisation(NamedTuple):
@@ -67,7 +67,7 @@ def discretise(x: tuple[float, ...], g: tuple[float, ...], budget: float, max_sl
             return Discretisation(np.array(x, dtype=np.int64) // unit, np.array(g, dtype=np.int64) // unit,
                                   int(budget // unit))
     unit = max(budget, 1e-300) / max_slots
-    up = lambda v: np.ceil(np.array(v, dtype=float) / unit).astype(np.int64)  # noqa: E731
+    up = lambda v: np.ceil(np.array(v, dtype=float) / unit).astype(np.int64)
     return Discretisation(up(x), up(g), max_slots)
 
 
@@ -102,9 +102,18 @@ def _forward_peaks(x: np.ndarray, s: np.ndarray, d: int) -> np.ndarray:
     return np.maximum.accumulate(pairs, axis=1)
 
 
+def _masked_min(left: np.ndarray, right: np.ndarray, unfit: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """min over the last axis of left + right, skipping entries where `unfit`."""
+    total = scratch[:, : left.shape[1], : left.shape[2]]
+    np.add(left, right, out=total)
+    np.copyto(total, np.inf, where=unfit)
+    return total.min(axis=2)
+
+
 def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
-    """Fill the DP tables for integer sizes `x`, `g` and integer memory `budget`."""
-    uf, ub = np.asarray(uf, dtype=float), np.asarray(ub, dtype=float)
+    """Fill the DP tables for integer sizes `x`, `g` and integer memory `budget` (float32: the
+    schedule's cost is recomputed exactly afterwards)."""
+    uf, ub = np.asarray(uf, dtype=np.float32), np.asarray(ub, dtype=np.float32)
     x, g = np.asarray(x, dtype=np.int64), np.asarray(g, dtype=np.int64)
     n, width = len(x), budget + 1
     if n * n * width > MAX_TABLE_ENTRIES:
@@ -112,8 +121,8 @@ def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
                          "pass a smaller max_slots")
     ms = np.arange(width)
     x_prev, g_next = np.concatenate([[0], x[:-1]]), np.concatenate([g[1:], [0]])
-    cum_f = np.concatenate([[0.0], np.cumsum(uf)])
-    s1, e0, e1 = (np.full((width, n, n), np.inf) for _ in range(3))
+    cum_f = np.concatenate([[0], np.cumsum(uf, dtype=np.float64)]).astype(np.float32)
+    s1, e0, e1, forward_left, cand = (np.full((width, n, n), np.inf, dtype=np.float32) for _ in range(5))
     fits = ms[:, None] >= (g_next + x + g)[None, :]
     c0, c1 = np.where(fits, (uf + ub)[None, :], np.inf), np.where(fits, ub[None, :], np.inf)
     s1[:, :, 0], e0[:, :, n - 1], e1[:, :, n - 1] = c1, _shift(c0, x_prev), _shift(c1, x_prev)
@@ -121,12 +130,12 @@ def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
         s = np.arange(n - d)
         t = s + d
         k = s[:, None] + np.arange(d)[None, :]
-        forward_left = (cum_f[k + 1] - cum_f[s][:, None])[None] + s1[:, : n - d, :d]
+        left = forward_left[:, : n - d, :d]
+        np.add((cum_f[k + 1] - cum_f[s][:, None])[None], s1[:, : n - d, :d], out=left)
         peak0 = g_next[t][:, None] + _forward_peaks(x, s, d)
-        fits0 = peak0[None] <= ms[:, None, None]
-        fits1 = (peak0 + x[t][:, None])[None] <= ms[:, None, None]
-        c0 = np.where(fits0, forward_left + e0[:, d:, n - d:], np.inf).min(axis=2)
-        c1 = np.minimum(c0, np.where(fits1, forward_left + e1[:, d:, n - d:], np.inf).min(axis=2))
+        c0 = _masked_min(left, e0[:, d:, n - d:], peak0[None] > ms[:, None, None], cand)
+        c1 = _masked_min(left, e1[:, d:, n - d:], (peak0 + x[t][:, None])[None] > ms[:, None, None], cand)
+        np.minimum(c0, c1, out=c1)
         s1[:, : n - d, d] = c1
         e0[:, d:, n - 1 - d], e1[:, d:, n - 1 - d] = _shift(c0, x_prev[s]), _shift(c1, x_prev[s])
     return ChainTables(uf, ub, x, g, s1, e0, e1)

@@ -6,7 +6,8 @@ Solvers (CLI names in `REMAT_SOLVERS`):
 * ``chain-dp``: the Rotor chain DP (`_remat_chain_dp`), optimal over persistent-checkpoint
   schedules; only for chain graphs.
 * ``checkpoint-all``, ``sqrt-n``, ``chen-greedy``: the baselines (`_remat_heuristics`).
-* ``greedy``: the cheapest schedule of all heuristics, including the budget-aware eviction greedy.
+* ``greedy``: the cheapest schedule of all heuristics: the baselines, the budget-aware eviction
+  greedy on two orders, and the chain DP on chains.
 
 Every returned schedule goes through `validate_remat`. Lower bounds (`_remat_bounds`): the
 no-remat cost always, CP-SAT's bound when its model is exact. Status "infeasible" when the
@@ -19,16 +20,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from pipesched._common import FormatError, approx_eq, approx_le, approx_lt
-from pipesched.remat import RematInstance, RematSchedule, chain_layout, evaluate_steps, validate_remat
 from pipesched.solvers import _remat_heuristics as heuristics
 from pipesched.solvers._remat_bounds import copy_caps, proven_infeasible
-from pipesched.solvers._remat_chain_dp import MAX_TABLE_ENTRIES, chain_computes, chain_tables, discretise
+from pipesched.solvers._remat_chain_dp import (
+    MAX_TABLE_ENTRIES,
+    chain_computes,
+    chain_tables,
+    discretise,
+)
 from pipesched.solvers._remat_cpsat import solve_cpsat
 from pipesched.solvers._remat_steps import Step, computes_of, steps_from_computes
 from pipesched.solvers._result import Result
 
+from pipesched._common import FormatError, approx_eq, approx_le, approx_lt
+from pipesched.remat import (
+    ChainLayout,
+    RematInstance,
+    RematSchedule,
+    chain_layout,
+    evaluate_steps,
+    validate_remat,
+)
+
 REMAT_SOLVERS = ("cpsat", "chain-dp", "checkpoint-all", "sqrt-n", "chen-greedy", "greedy")
+GREEDY_CHAIN_LAYERS = 200  # `greedy` includes the chain DP up to this many layers
 MAX_COPIES = 64  # per node in the CP-SAT model; above it the model is clipped (not exact)
 REORDER_SHARE = 0.25  # share of the time for a first no-remat model (one copy per node): a new order
 SEARCH_COPIES = 2  # copies per node in a search-only round (the proven caps are too large)
@@ -80,6 +95,11 @@ def _greedy(instance: RematInstance) -> Iterator[list[int]]:
     yield from _checkpoint_all(instance)
     yield from _sqrt_n(instance)
     yield from _chen_greedy(instance)
+    layout = chain_layout(instance)
+    if layout is not None and layout.chain.length <= GREEDY_CHAIN_LAYERS:
+        computes = _chain_dp_computes(instance, layout)
+        if computes is not None:
+            yield computes
     orders = (None, heuristics.memory_aware_order(instance))
     for order in orders:
         for score in heuristics.EVICTION_SCORES:
@@ -122,15 +142,18 @@ def _chain_dp(instance: RematInstance, started: float) -> Result:
     if layout is None:
         raise FormatError(f"{instance.name}: chain-dp needs a chain graph (pipesched.remat.chain_instance); "
                           "use --solver cpsat for other graphs")
-    chain = layout.chain
-    n = chain.length
+    computes = _chain_dp_computes(instance, layout)
+    if computes is None:
+        return _finish(instance, [], instance.total_cost, "unknown", "chain-dp", started)
+    return _proven(instance, steps_from_computes(instance, computes), instance.total_cost, "chain-dp", started)
+
+
+def _chain_dp_computes(instance: RematInstance, layout: ChainLayout) -> list[int] | None:
+    chain, n = layout.chain, layout.chain.length
     grid = discretise(chain.output_size, chain.gradient_size, instance.budget,
                       max(1, min(4096, MAX_TABLE_ENTRIES // (n * n) - 1)))
     tables = chain_tables(chain.forward_cost, chain.backward_cost, grid.x, grid.g, grid.budget)
-    if tables.optimum == float("inf"):
-        return _finish(instance, [], instance.total_cost, "unknown", "chain-dp", started)
-    steps = steps_from_computes(instance, chain_computes(tables, layout))
-    return _proven(instance, steps, instance.total_cost, "chain-dp", started)
+    return None if tables.optimum == float("inf") else chain_computes(tables, layout)
 
 
 def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, progress: bool,

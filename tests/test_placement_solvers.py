@@ -63,6 +63,7 @@ def test_bound_le_cpsat_eq_brute_force_le_heuristics(instance):
     exact = solve_placement(instance, "cpsat", time_limit=20)
     assert exact.status == "optimal"
     assert approx_eq(exact.objective, optimum)
+    assert approx_eq(validate_placement(exact.schedule), optimum)
     for solver in HEURISTICS:
         result = solve_placement(instance, solver, time_limit=2)
         assert approx_eq(validate_placement(result.schedule), result.objective)

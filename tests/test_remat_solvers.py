@@ -6,6 +6,8 @@ import math
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipesched.solvers import REMAT_SOLVERS, solve_remat
+from pipesched.solvers._remat_bounds import smallest_peak
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.remat import (
@@ -17,8 +19,6 @@ from pipesched.remat import (
     chain_layout,
     validate_remat,
 )
-from pipesched.solvers import REMAT_SOLVERS, solve_remat
-from pipesched.solvers._remat_bounds import smallest_peak
 
 HEURISTICS = ("checkpoint-all", "sqrt-n", "chen-greedy", "greedy")
 INFEASIBLE = {"VGG16_b80", "VGG16_b70", "VGG16_b60", "VGG19_b70", "VGG19_b60", "fcn_8_vgg_b60"}
@@ -67,7 +67,7 @@ def random_dags(draw, max_nodes: int = 8) -> RematInstance:
 def training_graphs(draw, max_layers: int = 4) -> RematInstance:
     """Forward layers with skips, then backward nodes reading the gradient and forward values."""
     k = draw(st.integers(2, max_layers))
-    node = lambda name, deps: RematNode(name, draw(st.integers(0, 6)), draw(st.integers(1, 8)),  # noqa: E731
+    node = lambda name, deps: RematNode(name, draw(st.integers(0, 6)), draw(st.integers(1, 8)),
                                         tuple(deps))
     nodes = [node(f"f{i}", [f"f{j}" for j in draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=2,
                                                                    unique=True))] if i else [])
@@ -88,7 +88,7 @@ def with_some_budget(draw, instance: RematInstance) -> RematInstance:
 @st.composite
 def random_chains(draw, max_layers: int) -> RematInstance:
     n = draw(st.integers(1, max_layers))
-    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))  # noqa: E731
+    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
     chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
     return with_some_budget(draw, chain_instance(chain, 0))
 

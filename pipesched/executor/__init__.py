@@ -1,6 +1,7 @@
 """JAX executor: compile a pipeline schedule into one SPMD program over a `pipe` mesh and run it."""
 
-from pipesched.executor._compile import AXIS, PipelineProgram, build_program, make_mesh, stack_params, unstack
+from pipesched.executor._compile import (AXIS, PipelineProgram, build_program, make_mesh, slot_bytes, stack_params,
+                                         unstack)
 from pipesched.executor._distributed import ProcessFailure, distributed_grads, supervise, worker_commands
 from pipesched.executor._models import (MODELS, Batch, ModelConfig, StagedModel, make_batch, make_model,
                                         reference_grads, reference_loss)
@@ -14,5 +15,5 @@ __all__ = [
     "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
     "compiled_memory_bytes", "distributed_grads", "executed_form", "gradient_error", "loss_curves", "make_batch", "make_mesh",
     "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads", "reference_loss", "run",
-    "stack_params", "stage_times", "supervise", "tick_schedule", "train_step_fn", "unstack", "worker_commands",
+    "slot_bytes", "stack_params", "stage_times", "supervise", "tick_schedule", "train_step_fn", "unstack", "worker_commands",
 ]

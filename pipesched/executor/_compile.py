@@ -7,10 +7,12 @@ neighbour devices with one `lax.ppermute` per device shift. Values live in fixed
 per kind `residual` (VJP residuals from F or R until B) and `stash` (op inputs and output
 gradients from F/R and B until W). Parameters of the stages of one kind are stacked per device.
 
-The pools never enter the switch: a tick reads the slots it needs, the branch returns new values
-(zeros where it has none), and the pools are updated in place after the switch, each write masked
-by what the branch produces. A pool threaded through `lax.switch` would be copied by XLA (its
-conditional does not alias operands to results), doubling the memory of every slot.
+A device's pools hold the packed values (flat float32) of all its stages, so a pool has as many
+slots as the device's peak number of live microbatches, each as large as the largest stage kind's
+values. Pools enter the switch read-only: the branch returns the packed values to keep, and the
+pools are updated in place after the switch (the write goes to a trash slot when there is nothing
+to keep). A pool updated inside `lax.switch` would be copied by XLA (its conditional does not
+alias operands to results), doubling the memory of every slot.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pipesched.executor._models import Batch, StagedModel
+from pipesched.executor._models import Batch, StagedModel, make_batch
 from pipesched.executor._plan import BRANCH, IN, LOCAL, MICROBATCH, OPS, OUT, RES, STASH, Plan
 from pipesched.executor._stage_ops import (ResidualLayout, StageKind, forward, full_vjp, input_vjp,
                                             join_residuals, residual_layout, split_residuals, weight_grad)
@@ -35,34 +37,67 @@ AXIS = "pipe"
 Leaves = list  # the leaves of a pytree, in jax.tree.leaves order
 
 
+class Flat(NamedTuple):
+    """How a list of arrays of one stage kind packs into a flat float32 vector (one slot of a pool):
+    float32 as is, other 4-byte types bit-cast, smaller types converted exactly."""
+
+    shapes: tuple[jax.ShapeDtypeStruct, ...]
+
+    @property
+    def size(self) -> int:
+        return sum(int(np.prod(a.shape)) for a in self.shapes)
+
+    def pack(self, leaves: Leaves, length: int) -> jax.Array:
+        parts = [_to_f32(a).ravel() for a in leaves]
+        return jnp.pad(jnp.concatenate(parts), (0, length - self.size)) if parts else jnp.zeros(length, jnp.float32)
+
+    def unpack(self, flat: jax.Array) -> Leaves:
+        leaves, offset = [], 0
+        for a in self.shapes:
+            n = int(np.prod(a.shape))
+            leaves.append(_from_f32(flat[offset:offset + n].reshape(a.shape), a.dtype))
+            offset += n
+        return leaves
+
+
+def _to_f32(a: jax.Array) -> jax.Array:
+    if a.dtype == jnp.float32:
+        return a
+    if jnp.dtype(a.dtype).itemsize == 4:
+        return lax.bitcast_convert_type(a, jnp.float32)
+    return a.astype(jnp.float32)
+
+
+def _from_f32(a: jax.Array, dtype) -> jax.Array:
+    if dtype == jnp.float32:
+        return a
+    if jnp.dtype(dtype).itemsize == 4:
+        return lax.bitcast_convert_type(a, dtype)
+    return a.astype(dtype)
+
+
 class Carry(NamedTuple):
-    """The scan state of one device; every pool is a list of arrays with a leading slot axis."""
+    """The scan state of one device. Pools are [slots + 1, ...]; the last slot is the trash slot
+    that writes of a tick with nothing to keep go to."""
 
     hidden: jax.Array  # [hidden_slots + 1, *hidden_shape]
-    residual: tuple[Leaves, ...]  # per kind: one pool per stored VJP residual
-    stash_inputs: tuple[Leaves, ...]  # per kind: one pool per op input (split backward)
-    stash_grads: tuple[Leaves, ...]  # per kind: one pool per op output gradient (split backward)
+    residual: jax.Array  # [residual slots + 1, largest packed VJP residuals of a stage kind]
+    stash_inputs: jax.Array  # [stash slots + 1, largest packed op inputs] (split backward)
+    stash_grads: jax.Array  # [stash slots + 1, largest packed op output gradients] (split backward)
     grads: tuple[Leaves, ...]  # per kind: parameter gradients, [local stages, ...] per leaf
     loss: jax.Array
 
 
 class Emit(NamedTuple):
-    """What a branch produces; per kind, zeros for the kinds it does not run."""
+    """What a branch produces: packed slot values (zeros when it keeps none) and, per kind, a
+    parameter gradient (zeros for the kinds it does not run)."""
 
     out: jax.Array  # the hidden state or input gradient sent on
     loss: jax.Array
-    residual: tuple[Leaves, ...]
-    stash_inputs: tuple[Leaves, ...]
-    stash_grads: tuple[Leaves, ...]
+    residual: jax.Array
+    stash_inputs: jax.Array
+    stash_grads: jax.Array
     grads: tuple[Leaves, ...]
-
-
-class Reads(NamedTuple):
-    """The slots a tick reads, per kind (residuals for B, stash for W)."""
-
-    residual: tuple[Leaves, ...]
-    stash_inputs: tuple[Leaves, ...]
-    stash_grads: tuple[Leaves, ...]
 
 
 def make_mesh(num_devices: int, devices=None) -> Mesh:
@@ -105,85 +140,100 @@ class PipelineProgram(NamedTuple):
     replicated: NamedSharding
 
 
-class _Shapes(NamedTuple):
-    """Per kind, the shapes of one slot of each pool and of one stage's parameters."""
+class _Layout(NamedTuple):
+    """Per kind the packing of each pool's values; the pools' slot lengths; parameter shapes."""
 
     hidden: jax.ShapeDtypeStruct
-    residual: tuple[Leaves, ...]
-    stash_inputs: tuple[Leaves, ...]
-    stash_grads: tuple[Leaves, ...]
-    grads: tuple[Leaves, ...]
+    residual: tuple[Flat, ...]
+    stash_inputs: tuple[Flat, ...]
+    stash_grads: tuple[Flat, ...]
+    params: tuple[Leaves, ...]
 
-    def zeros(self, field: str) -> list[Leaves]:
-        return [[_zeros(a) for a in kind] for kind in getattr(self, field)]
+    def length(self, pool: str) -> int:
+        return max(1, max(flat.size for flat in getattr(self, pool)))
+
+    def zero_grads(self) -> tuple[Leaves, ...]:
+        return tuple([_zeros(a) for a in kind] for kind in self.params)
 
 
 def _zeros(a) -> jax.Array:
     return jnp.zeros(a.shape, a.dtype)
 
 
-def _shapes(plan: Plan, model: StagedModel, kinds: list[StageKind], layouts: list[ResidualLayout]) -> _Shapes:
+def _layout(plan: Plan, model: StagedModel, kinds: list[StageKind], residuals: list[ResidualLayout]) -> _Layout:
+    def flat(tree) -> Flat:
+        return Flat(tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)))
     split = plan.split_backward
-    leaves = jax.tree.leaves
-    return _Shapes(
+    return _Layout(
         hidden=jax.ShapeDtypeStruct(model.hidden_shape, jnp.float32),
-        residual=tuple(list(lay.stored) for lay in layouts),
-        stash_inputs=tuple(leaves(k.inputs) if split else [] for k in kinds),
-        stash_grads=tuple(leaves(k.taps) if split else [] for k in kinds),
-        grads=tuple(leaves(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))))
+        residual=tuple(flat(list(r.stored)) for r in residuals),
+        stash_inputs=tuple(flat(k.inputs if split else []) for k in kinds),
+        stash_grads=tuple(flat(k.taps if split else []) for k in kinds),
+        params=tuple(jax.tree.leaves(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))))
+
+
+def slot_bytes(plan: Plan, model: StagedModel) -> dict[str, int]:
+    """Bytes of one slot of each pool of the program built for `plan`."""
+    kinds = [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
+    layout = _layout(plan, model, kinds, _residual_layouts(plan, model, kinds))
+    return {"hidden": int(np.prod(layout.hidden.shape)) * 4, "residual": 4 * layout.length("residual"),
+            "stash": 4 * (layout.length("stash_inputs") + layout.length("stash_grads")) if plan.split_backward else 0}
+
+
+def _residual_layouts(plan: Plan, model: StagedModel, kinds: list[StageKind], batch_shapes: Batch | None = None
+                      ) -> list[ResidualLayout]:
+    batch = make_batch(model.config, 1) if batch_shapes is None else batch_shapes
+    hidden = jax.ShapeDtypeStruct(model.hidden_shape, jnp.float32)
+    x0 = jax.ShapeDtypeStruct(batch.inputs.shape[1:], batch.inputs.dtype)
+    y0 = jax.ShapeDtypeStruct(batch.targets.shape[1:], batch.targets.dtype)
+    return [residual_layout(k, model.params[plan.kind_of.index(c)], hidden, x0, y0, plan.split_backward)
+            for c, k in enumerate(kinds)]
 
 
 def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mesh) -> PipelineProgram:
     """Build the SPMD program of `plan` for `model` (stages of a kind share one structure)."""
     kinds = [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
     split = plan.split_backward
-    hidden = jax.ShapeDtypeStruct(model.hidden_shape, jnp.float32)
-    x0 = jax.ShapeDtypeStruct(batch_shapes.inputs.shape[1:], batch_shapes.inputs.dtype)
-    y0 = jax.ShapeDtypeStruct(batch_shapes.targets.shape[1:], batch_shapes.targets.dtype)
-    layouts = [residual_layout(k, model.params[plan.kind_of.index(c)], hidden, x0, y0, split)
-               for c, k in enumerate(kinds)]
-    shapes = _shapes(plan, model, kinds, layouts)
+    residuals = _residual_layouts(plan, model, kinds, batch_shapes)
+    layout = _layout(plan, model, kinds, residuals)
     param_trees = [jax.tree.structure(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))]
 
-    branches, writers = [_idle(shapes)], [-np.ones(4, np.int32)]
+    branches, writers = [_idle(layout)], [-np.ones(4, np.int32)]
     for c, kind in enumerate(kinds):
         for op in OPS:
-            branches.append(_branch(op, c, kind, layouts[c], param_trees[c], plan.kinds[c][1], split,
-                                    plan.num_microbatches, shapes) if split or op != "W" else _idle(shapes))
+            branches.append(_branch(op, c, kind, residuals[c], param_trees[c], plan.kinds[c][1], split,
+                                    plan.num_microbatches, layout) if split or op != "W" else _idle(layout))
             writers.append(_writer(op, c, split))
     writer_table = np.stack(writers)  # [branch, (residual, stash inputs, stash grads, grads)] -> kind or -1
     P_ = plan.num_devices
-    num_kinds = len(kinds)
+    residual_trash, stash_trash = max(plan.residual_slots), max(plan.stash_slots, default=0)
 
     def per_device(params, table, inputs, targets):
         params = tuple(jax.tree.leaves(jax.tree.map(lambda a: a[0], p)) for p in params)
         carry = Carry(
-            hidden=jnp.zeros((plan.hidden_slots + 1, *hidden.shape), hidden.dtype),
-            residual=tuple(_pools(shapes.residual[c], plan.residual_slots[c]) for c in range(num_kinds)),
-            stash_inputs=tuple(_pools(shapes.stash_inputs[c], plan.stash_slots[c]) for c in range(num_kinds)),
-            stash_grads=tuple(_pools(shapes.stash_grads[c], plan.stash_slots[c]) for c in range(num_kinds)),
-            grads=tuple([jnp.zeros_like(a) for a in p] for p in params),
+            hidden=jnp.zeros((plan.hidden_slots + 1, *layout.hidden.shape), jnp.float32),
+            residual=jnp.zeros((residual_trash + 1, layout.length("residual")), jnp.float32),
+            stash_inputs=jnp.zeros((stash_trash + 1, layout.length("stash_inputs")), jnp.float32),
+            stash_grads=jnp.zeros((stash_trash + 1, layout.length("stash_grads")), jnp.float32),
+            grads=tuple([jnp.zeros_like(a) for a in kind] for kind in params),  # [local stages, ...]
             loss=jnp.zeros((), jnp.float32))
         writes = jnp.asarray(writer_table)
 
         def tick(carry: Carry, row):
             m = row[MICROBATCH]
-            reads = Reads(tuple(_read(pool, row[RES]) for pool in carry.residual),
-                          tuple(_read(pool, row[STASH]) for pool in carry.stash_inputs),
-                          tuple(_read(pool, row[STASH]) for pool in carry.stash_grads))
             emit = lax.switch(row[BRANCH], branches, carry.hidden[row[IN]], inputs[m], targets[m], params,
-                              reads, row[LOCAL])
+                              carry.residual[row[RES]], carry.stash_inputs[row[STASH]], carry.stash_grads[row[STASH]],
+                              row)
             writer = writes[row[BRANCH]]
             carry = Carry(
                 hidden=_send(carry.hidden, emit.out, row, plan.shifts, P_),
-                residual=tuple(_write(carry.residual[c], row[RES], emit.residual[c], writer[0] == c)
-                               for c in range(num_kinds)),
-                stash_inputs=tuple(_write(carry.stash_inputs[c], row[STASH], emit.stash_inputs[c], writer[1] == c)
-                                   for c in range(num_kinds)),
-                stash_grads=tuple(_write(carry.stash_grads[c], row[STASH], emit.stash_grads[c], writer[2] == c)
-                                  for c in range(num_kinds)),
+                residual=_put(carry.residual, jnp.where(writer[0] >= 0, row[RES], residual_trash), emit.residual),
+                stash_inputs=_put(carry.stash_inputs, jnp.where(writer[1] >= 0, row[STASH], stash_trash),
+                                  emit.stash_inputs),
+                stash_grads=_put(carry.stash_grads, jnp.where(writer[2] >= 0, row[STASH], stash_trash),
+                                 emit.stash_grads),
                 grads=tuple(_accumulate(carry.grads[c], row[LOCAL], emit.grads[c], writer[3] == c)
-                            for c in range(num_kinds)),
+                            for c in range(len(kinds))),
                 loss=carry.loss + emit.loss)
             return carry, None
 
@@ -202,17 +252,8 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
     return PipelineProgram(plan, mesh, grads, sharded, replicated)
 
 
-def _pools(shapes: Leaves, slots: int) -> Leaves:
-    return [jnp.zeros((max(1, slots), *a.shape), a.dtype) for a in shapes]
-
-
-def _read(pool: Leaves, slot) -> Leaves:
-    return [lax.dynamic_index_in_dim(a, slot, keepdims=False) for a in pool]
-
-
-def _write(pool: Leaves, slot, values: Leaves, enabled) -> Leaves:
-    """Write `values` to `slot` when `enabled` (in place: the slot keeps its value otherwise)."""
-    return [lax.dynamic_update_index_in_dim(a, jnp.where(enabled, v, a[slot]), slot, 0) for a, v in zip(pool, values)]
+def _put(pool: jax.Array, slot, value: jax.Array) -> jax.Array:
+    return lax.dynamic_update_index_in_dim(pool, value, slot, 0)
 
 
 def _accumulate(grads: Leaves, local, values: Leaves, enabled) -> Leaves:
@@ -237,26 +278,29 @@ def _writer(op: str, c: int, split: bool) -> np.ndarray:
                      c if accumulates else -1], np.int32)
 
 
-def _idle(shapes: _Shapes) -> Callable:
-    def run(h, x, y, params, reads, local) -> Emit:
-        return _emit(shapes)
+def _idle(layout: _Layout) -> Callable:
+    def run(h, x, y, params, residual, stash_inputs, stash_grads, row) -> Emit:
+        return _emit(layout)
     return run
 
 
-def _emit(shapes: _Shapes, c: int | None = None, out=None, loss=None, **fields) -> Emit:
-    """An Emit with the given fields of kind c and zeros elsewhere."""
-    def per_kind(name):
-        values = shapes.zeros(name)
-        if name in fields:
-            values[c] = fields[name]
-        return tuple(values)
-    return Emit(_zeros(shapes.hidden) if out is None else out,
+def _emit(layout: _Layout, c: int | None = None, out=None, loss=None, residual: Leaves | None = None,
+          stash_inputs: Leaves | None = None, stash_grads: Leaves | None = None, grads: Leaves | None = None) -> Emit:
+    """An Emit with the given values of kind c, packed, and zeros elsewhere."""
+    def packed(pool: str, leaves: Leaves | None) -> jax.Array:
+        length = layout.length(pool)
+        return jnp.zeros(length, jnp.float32) if leaves is None else getattr(layout, pool)[c].pack(leaves, length)
+    zero_grads = layout.zero_grads()
+    if grads is not None:
+        zero_grads = zero_grads[:c] + (grads,) + zero_grads[c + 1:]
+    return Emit(_zeros(layout.hidden) if out is None else out,
                 jnp.zeros((), jnp.float32) if loss is None else loss,
-                per_kind("residual"), per_kind("stash_inputs"), per_kind("stash_grads"), per_kind("grads"))
+                packed("residual", residual), packed("stash_inputs", stash_inputs), packed("stash_grads", stash_grads),
+                zero_grads)
 
 
-def _branch(op: str, c: int, kind: StageKind, layout: ResidualLayout, param_tree, last: bool, split: bool, M: int,
-            shapes: _Shapes) -> Callable:
+def _branch(op: str, c: int, kind: StageKind, residual_layout: ResidualLayout, param_tree, last: bool, split: bool,
+            M: int, layout: _Layout) -> Callable:
     """The lax.switch branch running `op` of a stage of kind c."""
     leaves = jax.tree.leaves
 
@@ -264,10 +308,10 @@ def _branch(op: str, c: int, kind: StageKind, layout: ResidualLayout, param_tree
         """A forward's output: the last stage's loss is averaged, a hidden state is sent on."""
         return {"loss": out / M} if last else {"out": out}
 
-    def run(h, x, y, params, reads: Reads, local) -> Emit:
-        p = jax.tree.unflatten(param_tree, [a[local] for a in params[c]])
+    def run(h, x, y, params, residual, stash_inputs, stash_grads, row) -> Emit:
+        p = jax.tree.unflatten(param_tree, [a[row[LOCAL]] for a in params[c]])
         if op == "Fr":
-            return _emit(shapes, c, **sent(forward(kind, p, h, x, y)))
+            return _emit(layout, c, **sent(forward(kind, p, h, x, y)))
         if op in ("F", "R"):
             stash = {}
             if split:
@@ -276,17 +320,18 @@ def _branch(op: str, c: int, kind: StageKind, layout: ResidualLayout, param_tree
             else:
                 out, vjp_fn = full_vjp(kind, p, h, x, y)
             stored = split_residuals(vjp_fn, p)[1]
-            return _emit(shapes, c, residual=stored, **stash, **(sent(out) if op == "F" else {}))
+            return _emit(layout, c, residual=stored, **stash, **(sent(out) if op == "F" else {}))
         if op == "B":
-            vjp_fn = join_residuals(layout, reads.residual[c], p)
+            stored = layout.residual[c].unpack(residual)
+            vjp_fn = join_residuals(residual_layout, stored, p)
             g = jnp.asarray(1.0 / M, jnp.float32) if last else h
             if split:
                 dh, dtaps = vjp_fn(g)
-                return _emit(shapes, c, out=dh, stash_grads=leaves(dtaps))
+                return _emit(layout, c, out=dh, stash_grads=leaves(dtaps))
             dp, dh = vjp_fn(g)
-            return _emit(shapes, c, out=dh, grads=leaves(dp))
-        inputs = jax.tree.unflatten(jax.tree.structure(kind.inputs), reads.stash_inputs[c])
-        dtaps = jax.tree.unflatten(jax.tree.structure(kind.taps), reads.stash_grads[c])
-        return _emit(shapes, c, grads=leaves(weight_grad(kind, p, inputs, dtaps)))
+            return _emit(layout, c, out=dh, grads=leaves(dp))
+        inputs = jax.tree.unflatten(jax.tree.structure(kind.inputs), layout.stash_inputs[c].unpack(stash_inputs))
+        dtaps = jax.tree.unflatten(jax.tree.structure(kind.taps), layout.stash_grads[c].unpack(stash_grads))
+        return _emit(layout, c, grads=leaves(weight_grad(kind, p, inputs, dtaps)))
 
     return run

@@ -46,8 +46,8 @@ class Plan(NamedTuple):
     shifts: tuple[int, ...]  # device shifts (receiver - sender mod P) that carry values
     table: np.ndarray  # int32 [P, ticks, 7 + len(shifts)]
     hidden_slots: int  # slot `hidden_slots` is the trash slot
-    residual_slots: tuple[int, ...]  # per kind: peak live microbatches with residuals
-    stash_slots: tuple[int, ...]  # per kind: peak microbatches waiting for W (split backward)
+    residual_slots: tuple[int, ...]  # per device: peak live microbatches with residuals
+    stash_slots: tuple[int, ...]  # per device: peak microbatches waiting for W (split backward)
     executed: PipelineSchedule  # the executed form, timed with the instance's durations
 
     @property
@@ -102,15 +102,16 @@ class _Item(NamedTuple):
     key: tuple  # what the slot holds
 
 
-def _allocate(items: list[_Item]) -> tuple[dict[tuple, int], int]:
+def _allocate(items: list[_Item], num_devices: int) -> tuple[dict[tuple, int], tuple[int, ...]]:
     """Interval colouring per device (greedy by write tick is optimal): a slot read at tick t may
-    be written again from tick t on, since each tick reads before it writes."""
+    be written again from tick t on, since each tick reads before it writes. Returns the slot of
+    every item and the number of slots per device."""
     slot_of: dict[tuple, int] = {}
-    most = 0
+    most = [0] * num_devices
     by_device: dict[int, list[_Item]] = {}
     for item in items:
         by_device.setdefault(item.device, []).append(item)
-    for device_items in by_device.values():
+    for device, device_items in by_device.items():
         busy: list[tuple[int, int]] = []  # (read tick, slot)
         free: list[int] = []
         count = 0
@@ -121,8 +122,8 @@ def _allocate(items: list[_Item]) -> tuple[dict[tuple, int], int]:
             count = max(count, slot + 1)
             slot_of[item.key] = slot
             heapq.heappush(busy, (item.read, slot))
-        most = max(most, count)
-    return slot_of, most
+        most[device] = count
+    return slot_of, tuple(most)
 
 
 def make_plan(schedule: PipelineSchedule) -> Plan:
@@ -153,18 +154,11 @@ def make_plan(schedule: PipelineSchedule) -> Plan:
                 hidden.append(_Item(device[s], tick_of[("F", s - 1, m)], keeper, ("x", s, m)))
             if s < S - 1:  # the output gradient, from its arrival to B
                 hidden.append(_Item(device[s], tick_of[("B", s + 1, m)], b, ("g", s, m)))
-    hidden_slot, hidden_slots = _allocate(hidden)
-    residual_slots, stash_slots = [], []
-    residual_slot, stash_slot = {}, {}
-    for c in range(len(kinds)):
-        slots, n = _allocate([i for i in residual if kind_of[i.key[0]] == c])
-        residual_slot.update(slots)
-        residual_slots.append(n)
-        slots, n = _allocate([i for i in stash if kind_of[i.key[0]] == c])
-        stash_slot.update(slots)
-        stash_slots.append(n)
+    hidden_slot, hidden_slots = _allocate(hidden, P)
+    residual_slot, residual_slots = _allocate(residual, P)
+    stash_slot, stash_slots = _allocate(stash, P)
 
-    trash = hidden_slots
+    trash = max(hidden_slots)
     shifts = sorted({(device[s2] - device[s]) % P for s in range(S) for s2 in (s - 1, s + 1)
                      if 0 <= s2 < S and device[s2] != device[s]})
     table = np.zeros((P, max(tick_of.values()) + 1, 7 + len(shifts)), np.int32)
@@ -192,5 +186,5 @@ def make_plan(schedule: PipelineSchedule) -> Plan:
             table[device[target], t, 7 + shifts.index(shift)] = hidden_slot[key]
     executed = executed_form(inst, tick_of, schedule.solver)
     validate_pipeline(executed)
-    return Plan(P, M, inst.split_backward, kinds, kind_of, local, tuple(shifts), table, hidden_slots, tuple(residual_slots),
-                tuple(stash_slots), executed)
+    return Plan(P, M, inst.split_backward, kinds, kind_of, local, tuple(shifts), table, trash, residual_slots,
+                stash_slots, executed)

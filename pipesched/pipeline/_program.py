@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from pipesched._common import FormatError, PipeschedError, approx_le
+from pipesched._common import FormatError, PipeschedError, approx_le, in_file, read_text
 from pipesched.pipeline._model import Op, PipelineInstance, PipelineSchedule
 from pipesched.pipeline._validate import MemoryTimeline, memory_timeline
 
@@ -67,14 +67,7 @@ def parse_program_csv(text: str) -> Program:
 
 
 def load_program(path: str | Path) -> Program:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read file ({e.strerror})") from None
-    try:
-        return parse_program_csv(text)
-    except FormatError as e:
-        raise FormatError(f"{path}: {e}") from None
+    return in_file(path, lambda: parse_program_csv(read_text(path)))
 
 
 def format_program_csv(program: Program) -> str:

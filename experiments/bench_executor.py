@@ -1,0 +1,243 @@
+"""Benchmark the JAX executor against the schedules' predictions on a 2-device CPU mesh.
+
+    python experiments/bench_executor.py [--quick] [--out PATH]
+
+1. Step time: the MLP (ops of >= 5 ms in full mode) is profiled (`profile_instance`) into a P=2,
+   M=8 pipeline instance, fused and split backward; zoo schedules, greedy and CP-SAT at several
+   memory limits (k activations per device, remat allowed) are compiled and their pipelined
+   forward/backward program is timed in interleaved rounds (median per schedule). Predicted is the
+   simulator's time of the executed (lock-step) form with the profiled durations; also the
+   schedule's own makespan. Checks: median within 25% of predicted, and the ranking of schedules by
+   predicted time against the measured ranking (every pair whose predictions differ by > 5%).
+2. Memory: per schedule, the compiled program's per-device bytes (`memory_analysis()`) against the
+   bytes of its slot pools (residual + stash + hidden slots times their sizes) and the schedule's
+   own predicted peak; the growth of compiled memory per pool byte relative to the smallest schedule.
+3. Loss curve: 100 Adam steps of gpt-tiny, pipelined (1F1B with remat) and unpipelined.
+
+Each device runs single-threaded (XLA CPU flags below), so two devices use the machine's two cores.
+Resumable: rows already in the JSON (same section and name) are skipped. Writes
+experiments/results/bench_executor.json and .md.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
+                           "intra_op_parallelism_threads=1")
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import jax
+from tqdm.auto import tqdm
+
+from pipesched.executor import (ModelConfig, byte_instance, compile_pipeline, compiled_memory_bytes,
+                                loss_curves, predicted_times, profile_instance)
+from pipesched.executor._profile import StageMemory
+from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline
+from pipesched.pipeline.zoo import uniform_instance
+from pipesched.solvers import MemoryLimitError, solve_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "experiments" / "results"
+P, M = 2, 8
+FULL = ModelConfig("mlp", microbatch=1024, width=256, layers=2)
+QUICK = ModelConfig("mlp", microbatch=256, width=128, layers=1)
+RANK_MARGIN = 0.05  # predictions closer than this are a tie for the ranking check
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+
+
+def with_limit(instance: PipelineInstance, k: float | None) -> PipelineInstance:
+    """Memory limit of k activations per device (None: no limit)."""
+    if k is None:
+        return instance.replace(memory_limit=None)
+    return instance.replace(memory_limit=tuple(k * sum(instance.stages[s].activation for s in stages)
+                                               for stages in instance.stages_of_device))
+
+
+def schedule_specs(quick: bool) -> list[tuple[bool, str, float | None]]:
+    """(split backward, solver, k activations per device or None)."""
+    specs = [(False, "gpipe", None), (False, "1f1b", None), (False, "greedy", 1), (False, "cpsat", 1),
+             (True, "zb-h1", None), (True, "greedy", 2), (True, "cpsat", None)]
+    if quick:
+        return [(False, "gpipe", None), (False, "1f1b", None), (False, "greedy", 1), (True, "zb-h1", None)]
+    return specs + [(False, "greedy", 2), (True, "zb-h2", None), (True, "cpsat", 1)]
+
+
+def spec_name(split: bool, solver: str, k: float | None) -> str:
+    return f"{solver}-{'split' if split else 'fused'}" + ("" if k is None else f"-k{k:g}")
+
+
+def solve(instance: PipelineInstance, solver: str, k: float | None, time_limit: float) -> PipelineSchedule:
+    result = solve_pipeline(with_limit(instance, k), solver, time_limit=time_limit)
+    if result.status not in ("optimal", "feasible"):
+        raise MemoryLimitError(f"{solver}: no schedule fits k={k} ({result.status})")
+    return result.schedule
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+def median_time(fn, args, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def pool_bytes(pipeline) -> int:
+    """Bytes of the program's slot pools on one device (every device holds a pool per stage kind)."""
+    plan, model = pipeline.program.plan, pipeline.model
+    total = (plan.hidden_slots + 1) * StageMemory(model, 1, False).hidden
+    for c in range(len(plan.kinds)):
+        mem = StageMemory(model, plan.kind_of.index(c), plan.split_backward)
+        total += max(1, plan.residual_slots[c]) * mem.residual + (max(1, plan.stash_slots[c]) * mem.stash)
+    return total
+
+
+def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: float, rounds: int) -> list[dict]:
+    """Profile, solve, compile and time every pending schedule (interleaved rounds)."""
+    specs = [s for s in schedule_specs(quick) if spec_name(*s) not in done]
+    if not specs:
+        return []
+    profiled = {split: profile_instance(config, (0, 1), M, split_backward=split, allow_remat=True, repeats=7)
+                for split in sorted({s[0] for s in specs})}
+    compiled = {}
+    for split, solver, k in tqdm(specs, desc="compile schedules", unit="schedule"):
+        try:
+            schedule = solve(profiled[split], solver, k, time_limit)
+        except MemoryLimitError as err:
+            tqdm.write(f"skip {spec_name(split, solver, k)}: {err}")
+            continue
+        pipeline = compile_pipeline(schedule, config)
+        jax.block_until_ready(pipeline.program.grads(pipeline.params, pipeline.batch))
+        compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], k)
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
+        for name, (_, pipeline, _, _) in compiled.items():
+            times[name] += median_time(pipeline.program.grads, (pipeline.params, pipeline.batch), 2)
+    rows = []
+    for name, (schedule, pipeline, timing, k) in compiled.items():
+        makespan, executed = predicted_times(schedule, timing)
+        stages = timing.stages
+        rows.append({
+            "name": name, "split": schedule.instance.split_backward, "solver": schedule.solver,
+            "memory_limit_activations": k,
+            "rematerialized": len(schedule.rematerialized),
+            "op_ms": {op: [getattr(st, op) / 1e3 for st in stages] for op in ("F", "B", "W")},
+            "comm_ms": max(timing.comm_after(s) for s in range(timing.num_stages - 1)) / 1e3,
+            "predicted_makespan_s": makespan * 1e-6, "predicted_executed_s": executed * 1e-6,
+            "measured_median_s": statistics.median(times[name]), "measured_s": times[name],
+            "ticks": pipeline.program.plan.ticks, "residual_slots": list(pipeline.program.plan.residual_slots),
+            "stash_slots": list(pipeline.program.plan.stash_slots), "hidden_slots": pipeline.program.plan.hidden_slots,
+            "compiled_memory_bytes": compiled_memory_bytes(pipeline), "pool_bytes": pool_bytes(pipeline),
+            "predicted_peak_memory_bytes": list(memory_timeline(byte_instance(pipeline), schedule.ops).peaks),
+        })
+    return rows
+
+
+def loss_row(steps: int) -> dict:
+    """gpt-tiny trained pipelined (greedy's schedule at 1 activation per device: it rematerializes)
+    and unpipelined, from the same initial parameters on the same batch."""
+    instance = with_limit(uniform_instance(P, 4, 1, 2, allow_remat=True), 1)
+    schedule = solve_pipeline(instance, "greedy").schedule
+    pipeline = compile_pipeline(schedule, "gpt-tiny")
+    pipelined, unpipelined = loss_curves(pipeline, steps, learning_rate=1e-2, progress=True)
+    return {"name": f"gpt-tiny-greedy-k1 ({len(schedule.rematerialized)} remat)", "steps": steps,
+            "pipelined": pipelined, "unpipelined": unpipelined,
+            "max_abs_difference": max(abs(a - b) for a, b in zip(pipelined, unpipelined))}
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def ranking_pairs(rows: list[dict]) -> tuple[int, int]:
+    """(pairs ordered alike by predicted and measured time, pairs compared): pairs whose predicted
+    executed times differ by more than RANK_MARGIN."""
+    agree = total = 0
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            pa, pb = a["predicted_executed_s"], b["predicted_executed_s"]
+            if abs(pa - pb) <= RANK_MARGIN * min(pa, pb):
+                continue
+            total += 1
+            agree += (pa < pb) == (a["measured_median_s"] < b["measured_median_s"])
+    return agree, total
+
+
+def summary(results: dict) -> list[str]:
+    rows = results["timing"]
+    lines = []
+    if rows:
+        errors = [r["measured_median_s"] / r["predicted_executed_s"] - 1 for r in rows]
+        within = sum(abs(e) <= 0.25 for e in errors)
+        agree, total = ranking_pairs(rows)
+        smallest = min(r["op_ms"]["F"][0] for r in rows)
+        lines += [f"step time: {within} of {len(rows)} schedules within 25% of the executed-form prediction "
+                  f"(median error {statistics.median(errors):+.1%}, worst {max(errors, key=abs):+.1%}); "
+                  f"smallest profiled F {smallest:.1f} ms",
+                  f"ranking: {agree} of {total} schedule pairs (predictions > {RANK_MARGIN:.0%} apart) ordered "
+                  f"alike by predicted and measured time"]
+        base = min(rows, key=lambda r: r["pool_bytes"])
+        slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"]) / (r["pool_bytes"] - base["pool_bytes"])
+                  for r in rows if r["pool_bytes"] != base["pool_bytes"]]
+        if slopes:
+            lines.append(f"memory: compiled bytes grow by {min(slopes):.3f}..{max(slopes):.3f} per slot-pool byte "
+                         f"against {base['name']} (1 = the schedule's slots are the program's memory)")
+    for r in results["loss"]:
+        lines.append(f"loss curve {r['name']}: {r['steps']} steps, max |pipelined - unpipelined| = "
+                     f"{r['max_abs_difference']:.2e} (loss {r['unpipelined'][0]:.4f} -> {r['unpipelined'][-1]:.4f})")
+    return lines
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    lines = ["# Executor benchmark", "", f"backend {results['backend']}, {P} devices, M={M}, model {results['model']}",
+             "", *[f"- {line}" for line in summary(results)], "",
+             "| schedule | remat | ticks | slots (res/stash/hidden) | predicted makespan ms | predicted executed ms "
+             "| measured median ms | error | compiled MiB | pool MiB | predicted peak MiB |", "|" + "---|" * 11]
+    for r in results["timing"]:
+        error = r["measured_median_s"] / r["predicted_executed_s"] - 1
+        lines.append(f"| {r['name']} | {r['rematerialized']} | {r['ticks']} | {r['residual_slots']}/{r['stash_slots']}/"
+                     f"{r['hidden_slots']} | {r['predicted_makespan_s'] * 1e3:.1f} | {r['predicted_executed_s'] * 1e3:.1f} "
+                     f"| {r['measured_median_s'] * 1e3:.1f} | {error:+.1%} | {r['compiled_memory_bytes'] / 2**20:.2f} "
+                     f"| {r['pool_bytes'] / 2**20:.2f} | {max(r['predicted_peak_memory_bytes']) / 2**20:.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller model, fewer schedules and steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bench_executor.json")
+    parser.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per schedule")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if results.get("model") != dataclasses.asdict(config):
+        results = {"model": dataclasses.asdict(config), "timing": [], "loss": []}
+    results["backend"] = jax.default_backend()
+    done = {r["name"] for r in results["timing"]}
+    results["timing"] += timing_rows(config, args.quick, done, args.time_limit, rounds=3 if args.quick else 5)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if not results["loss"]:
+        results["loss"].append(loss_row(20 if args.quick else 100))
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    write_markdown(results, args.out.with_suffix(".md"))
+    print("\n".join(summary(results)))
+    return results
+
+
+if __name__ == "__main__":
+    main()
