@@ -37,8 +37,8 @@ import jax
 from tqdm.auto import tqdm
 
 from pipesched.executor import (ModelConfig, byte_instance, compile_pipeline, compiled_memory_bytes,
-                                loss_curves, predicted_times, profile_instance)
-from pipesched.executor._profile import StageMemory
+                                loss_curves, predicted_times, profile_instance, slot_bytes, tick_prediction,
+                                tick_times)
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline
 from pipesched.pipeline.zoo import uniform_instance
 from pipesched.solvers import MemoryLimitError, solve_pipeline
@@ -46,7 +46,7 @@ from pipesched.solvers import MemoryLimitError, solve_pipeline
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 P, M = 2, 8
-FULL = ModelConfig("mlp", microbatch=1024, width=256, layers=2)
+FULL = ModelConfig("mlp", microbatch=256, width=512, layers=2)
 QUICK = ModelConfig("mlp", microbatch=256, width=128, layers=1)
 RANK_MARGIN = 0.05  # predictions closer than this are a tie for the ranking check
 
@@ -97,13 +97,11 @@ def median_time(fn, args, repeats: int) -> list[float]:
 
 
 def pool_bytes(pipeline) -> int:
-    """Bytes of the program's slot pools on one device (every device holds a pool per stage kind)."""
-    plan, model = pipeline.program.plan, pipeline.model
-    total = (plan.hidden_slots + 1) * StageMemory(model, 1, False).hidden
-    for c in range(len(plan.kinds)):
-        mem = StageMemory(model, plan.kind_of.index(c), plan.split_backward)
-        total += max(1, plan.residual_slots[c]) * mem.residual + (max(1, plan.stash_slots[c]) * mem.stash)
-    return total
+    """Bytes of the program's slot pools on one device, trash slots included."""
+    plan = pipeline.program.plan
+    size = slot_bytes(plan, pipeline.model)
+    return ((plan.hidden_slots + 1) * size["hidden"] + (max(plan.residual_slots) + 1) * size["residual"]
+            + (max(plan.stash_slots, default=0) + 1) * size["stash"])
 
 
 def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: float, rounds: int) -> list[dict]:
@@ -122,13 +120,14 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
             continue
         pipeline = compile_pipeline(schedule, config)
         jax.block_until_ready(pipeline.program.grads(pipeline.params, pipeline.batch))
-        compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], k)
+        ticks = tick_times(pipeline.program, pipeline.params, pipeline.batch)
+        compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], k, ticks)
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
-        for name, (_, pipeline, _, _) in compiled.items():
+        for name, (_, pipeline, *_) in compiled.items():
             times[name] += median_time(pipeline.program.grads, (pipeline.params, pipeline.batch), 2)
     rows = []
-    for name, (schedule, pipeline, timing, k) in compiled.items():
+    for name, (schedule, pipeline, timing, k, ticks) in compiled.items():
         makespan, executed = predicted_times(schedule, timing)
         stages = timing.stages
         rows.append({
@@ -138,6 +137,8 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
             "op_ms": {op: [getattr(st, op) / 1e3 for st in stages] for op in ("F", "B", "W")},
             "comm_ms": max(timing.comm_after(s) for s in range(timing.num_stages - 1)) / 1e3,
             "predicted_makespan_s": makespan * 1e-6, "predicted_executed_s": executed * 1e-6,
+            "predicted_ticks_s": tick_prediction(pipeline.program.plan, ticks),
+            "tick_ms": {str(b): t * 1e3 for b, t in ticks.items()},
             "measured_median_s": statistics.median(times[name]), "measured_s": times[name],
             "ticks": pipeline.program.plan.ticks, "residual_slots": list(pipeline.program.plan.residual_slots),
             "stash_slots": list(pipeline.program.plan.stash_slots), "hidden_slots": pipeline.program.plan.hidden_slots,
@@ -163,13 +164,13 @@ def loss_row(steps: int) -> dict:
 # Summary
 
 
-def ranking_pairs(rows: list[dict]) -> tuple[int, int]:
-    """(pairs ordered alike by predicted and measured time, pairs compared): pairs whose predicted
-    executed times differ by more than RANK_MARGIN."""
+def ranking_pairs(rows: list[dict], key: str) -> tuple[int, int]:
+    """(pairs ordered alike by the prediction `key` and the measured time, pairs compared): pairs
+    whose predictions differ by more than RANK_MARGIN."""
     agree = total = 0
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
-            pa, pb = a["predicted_executed_s"], b["predicted_executed_s"]
+            pa, pb = a[key], b[key]
             if abs(pa - pb) <= RANK_MARGIN * min(pa, pb):
                 continue
             total += 1
@@ -177,19 +178,23 @@ def ranking_pairs(rows: list[dict]) -> tuple[int, int]:
     return agree, total
 
 
+PREDICTIONS = {"predicted_executed_s": "executed form with the profiled op durations",
+               "predicted_ticks_s": "executed form with tick costs measured in the compiled program"}
+
+
 def summary(results: dict) -> list[str]:
     rows = results["timing"]
     lines = []
     if rows:
-        errors = [r["measured_median_s"] / r["predicted_executed_s"] - 1 for r in rows]
-        within = sum(abs(e) <= 0.25 for e in errors)
-        agree, total = ranking_pairs(rows)
-        smallest = min(r["op_ms"]["F"][0] for r in rows)
-        lines += [f"step time: {within} of {len(rows)} schedules within 25% of the executed-form prediction "
-                  f"(median error {statistics.median(errors):+.1%}, worst {max(errors, key=abs):+.1%}); "
-                  f"smallest profiled F {smallest:.1f} ms",
-                  f"ranking: {agree} of {total} schedule pairs (predictions > {RANK_MARGIN:.0%} apart) ordered "
-                  f"alike by predicted and measured time"]
+        smallest = min(min(r["op_ms"]["F"]) for r in rows)
+        lines.append(f"smallest profiled F: {smallest:.1f} ms")
+        for key, what in PREDICTIONS.items():
+            errors = [r["measured_median_s"] / r[key] - 1 for r in rows]
+            within = sum(abs(e) <= 0.25 for e in errors)
+            agree, total = ranking_pairs(rows, key)
+            lines.append(f"{what}: {within} of {len(rows)} schedules within 25% (median error "
+                         f"{statistics.median(errors):+.1%}, worst {max(errors, key=abs):+.1%}); ranking: {agree} of "
+                         f"{total} pairs (> {RANK_MARGIN:.0%} apart) ordered alike")
         base = min(rows, key=lambda r: r["pool_bytes"])
         slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"]) / (r["pool_bytes"] - base["pool_bytes"])
                   for r in rows if r["pool_bytes"] != base["pool_bytes"]]
@@ -203,16 +208,19 @@ def summary(results: dict) -> list[str]:
 
 
 def write_markdown(results: dict, path: Path) -> None:
+    header = ["schedule", "remat", "ticks", "slots res/stash/hidden", "pred. makespan ms", "pred. executed ms",
+              "pred. ticks ms", "measured ms", "compiled MiB", "pools MiB", "schedule peak MiB"]
     lines = ["# Executor benchmark", "", f"backend {results['backend']}, {P} devices, M={M}, model {results['model']}",
              "", *[f"- {line}" for line in summary(results)], "",
-             "| schedule | remat | ticks | slots (res/stash/hidden) | predicted makespan ms | predicted executed ms "
-             "| measured median ms | error | compiled MiB | pool MiB | predicted peak MiB |", "|" + "---|" * 11]
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["timing"]:
-        error = r["measured_median_s"] / r["predicted_executed_s"] - 1
-        lines.append(f"| {r['name']} | {r['rematerialized']} | {r['ticks']} | {r['residual_slots']}/{r['stash_slots']}/"
-                     f"{r['hidden_slots']} | {r['predicted_makespan_s'] * 1e3:.1f} | {r['predicted_executed_s'] * 1e3:.1f} "
-                     f"| {r['measured_median_s'] * 1e3:.1f} | {error:+.1%} | {r['compiled_memory_bytes'] / 2**20:.2f} "
-                     f"| {r['pool_bytes'] / 2**20:.2f} | {max(r['predicted_peak_memory_bytes']) / 2**20:.2f} |")
+        slots = f"{max(r['residual_slots'])}/{max(r['stash_slots'])}/{r['hidden_slots']}"
+        cells = [r["name"], str(r["rematerialized"]), str(r["ticks"]), slots,
+                 *(f"{r[k] * 1e3:.1f}" for k in ("predicted_makespan_s", "predicted_executed_s", "predicted_ticks_s",
+                                                 "measured_median_s")),
+                 *(f"{v / 2**20:.2f}" for v in (r["compiled_memory_bytes"], r["pool_bytes"],
+                                                max(r["predicted_peak_memory_bytes"])))]
+        lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -165,6 +165,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _solver_help() -> str:
+    from pipesched.solvers import PIPELINE_SOLVERS, PLACEMENT_SOLVERS, REMAT_SOLVERS
+
+    return (f"pipeline: {', '.join(PIPELINE_SOLVERS)}; remat: {', '.join(REMAT_SOLVERS)}; "
+            f"placement: {', '.join(PLACEMENT_SOLVERS)} (default greedy)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipesched", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("solve", help="solve a pipeline, remat or placement instance")
     p.add_argument("kind", choices=SOLVE_KINDS)
     p.add_argument("instance")
-    p.add_argument("--solver", default="greedy", help="solver name (see the README for each kind's list)")
+    p.add_argument("--solver", default="greedy", help=_solver_help())
     p.add_argument("--time-limit", type=float, default=30.0, help="seconds (CP-SAT and other anytime solvers)")
     p.add_argument("--workers", type=int, default=2, help="CP-SAT search workers")
     p.add_argument("--seed", type=int, default=0)

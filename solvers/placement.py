@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from pipesched._common import approx_le
+from pipesched._common import FormatError, approx_le
 from pipesched.placement import Placement, PlacementInstance, check_devices, validate_placement
 from pipesched.solvers._placement_common import (
     Batches,
@@ -61,7 +61,7 @@ def solve_placement(
     """Place the experts of `instance` with `solver` (one of PLACEMENT_SOLVERS) in about
     `time_limit` seconds. `num_nodes` / `num_groups` select EPLB's hierarchical policy."""
     if solver not in PLACEMENT_SOLVERS:
-        raise ValueError(f"unknown placement solver {solver!r}; choose one of {', '.join(PLACEMENT_SOLVERS)}")
+        raise FormatError(f"solver: unknown placement solver {solver!r}; choose one of {', '.join(PLACEMENT_SOLVERS)}")
     if migration_weight < 0:
         raise ValueError(f"migration_weight must be >= 0, got {migration_weight}")
     if current is not None:

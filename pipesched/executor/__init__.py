@@ -6,7 +6,7 @@ from pipesched.executor._distributed import ProcessFailure, distributed_grads, s
 from pipesched.executor._models import (MODELS, Batch, ModelConfig, StagedModel, make_batch, make_model,
                                         reference_grads, reference_loss)
 from pipesched.executor._plan import Plan, executed_form, make_plan, tick_schedule
-from pipesched.executor._profile import StageMemory, profile_instance, stage_times
+from pipesched.executor._profile import StageMemory, profile_instance, stage_times, tick_prediction, tick_times
 from pipesched.executor._run import (REPORT_FORMAT, Pipeline, byte_instance, compile_pipeline, compiled_memory_bytes,
                                      gradient_error, loss_curves, predicted_times, run, train_step_fn)
 
@@ -15,5 +15,5 @@ __all__ = [
     "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
     "compiled_memory_bytes", "distributed_grads", "executed_form", "gradient_error", "loss_curves", "make_batch", "make_mesh",
     "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads", "reference_loss", "run",
-    "slot_bytes", "stack_params", "stage_times", "supervise", "tick_schedule", "train_step_fn", "unstack", "worker_commands",
+    "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction", "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
 ]

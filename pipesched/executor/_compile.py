@@ -131,13 +131,16 @@ def unstack(plan: Plan, stacked: tuple[nnx.State, ...]) -> tuple[nnx.State, ...]
 
 
 class PipelineProgram(NamedTuple):
-    """The compiled pipeline: `grads(stacked_params, batch) -> (loss, stacked_grads)`, jitted."""
+    """The compiled pipeline: `grads(stacked_params, batch) -> (loss, stacked_grads)`, jitted;
+    `with_table(stacked_params, batch, table)` runs the same ticks from another action table of
+    the plan's columns (used to time single actions in the program's own machinery)."""
 
     plan: Plan
     mesh: Mesh
     grads: Callable
     param_sharding: NamedSharding
     replicated: NamedSharding
+    with_table: Callable
 
 
 class _Layout(NamedTuple):
@@ -249,7 +252,11 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
     def grads(params, batch: Batch):
         return program(params, plan.table, batch.inputs, batch.targets)  # the table is a constant
 
-    return PipelineProgram(plan, mesh, grads, sharded, replicated)
+    @jax.jit
+    def with_table(params, batch: Batch, table):
+        return program(params, table, batch.inputs, batch.targets)
+
+    return PipelineProgram(plan, mesh, grads, sharded, replicated, with_table)
 
 
 def _put(pool: jax.Array, slot, value: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ import numpy as np
 from jax import lax
 
 from pipesched.executor._compile import AXIS, make_mesh
+from pipesched.executor._plan import BRANCH
 from pipesched.executor._models import ModelConfig, StagedModel, make_batch, make_model
 from pipesched.executor._stage_ops import (StageKind, full_vjp, input_vjp, join_residuals, residual_layout,
                                             split_residuals, weight_grad)
@@ -87,6 +88,29 @@ def comm_time(model: StagedModel, num_devices: int, repeats: int = 5) -> float:
                                  in_specs=jax.sharding.PartitionSpec(AXIS),
                                  out_specs=jax.sharding.PartitionSpec(AXIS)))
     return median_time(send, jnp.zeros((num_devices, *model.hidden_shape)), repeats=repeats)
+
+
+def tick_times(program, params, batch, ticks: int = 6, repeats: int = 3) -> dict[int, float]:
+    """Seconds of one tick of every branch the plan's table uses (idle included), measured in the
+    compiled program itself: all devices run that branch in lock step, with the program's slot
+    traffic and neighbour exchanges. Runs of `ticks` and 2 * `ticks` ticks are timed and
+    subtracted, so the fixed cost of launching the program cancels out."""
+    table = program.plan.table
+    times = {}
+    for branch in np.unique(table[:, :, BRANCH]).tolist():
+        device, tick = np.argwhere(table[:, :, BRANCH] == branch)[0]
+        runs = []
+        for n in (ticks, 2 * ticks):
+            repeated = np.broadcast_to(table[device, tick], (table.shape[0], n, table.shape[2])).copy()
+            sharded = jax.device_put(repeated, program.param_sharding)
+            runs.append(median_time(program.with_table, params, batch, sharded, repeats=repeats))
+        times[branch] = max(runs[1] - runs[0], 0.0) / ticks
+    return times
+
+
+def tick_prediction(plan, times: dict[int, float]) -> float:
+    """Seconds of the lock-step program: every tick lasts as long as its slowest device's branch."""
+    return float(sum(max(times[int(b)] for b in plan.table[:, t, BRANCH]) for t in range(plan.ticks)))
 
 
 def profile_instance(config: ModelConfig, placement: Sequence[int], num_microbatches: int, *,
