@@ -5,10 +5,13 @@
 1. Step time: the MLP (ops of >= 5 ms in full mode) is profiled (`profile_instance`) into a P=2,
    M=8 pipeline instance, fused and split backward; zoo schedules, greedy and CP-SAT at several
    memory limits (k activations per device, remat allowed) are compiled and their pipelined
-   forward/backward program is timed in interleaved rounds (median per schedule). Predicted is the
-   simulator's time of the executed (lock-step) form with the profiled durations; also the
-   schedule's own makespan. Checks: median within 25% of predicted, and the ranking of schedules by
-   predicted time against the measured ranking (every pair whose predictions differ by > 5%).
+   forward/backward program is timed in interleaved rounds (median per schedule). Predictions: the
+   schedule's own makespan and its executed (lock-step) form, both with the profiled op durations,
+   and the executed form with tick costs measured in the compiled program (`tick_times`: each
+   branch the schedule uses, run in lock step on both devices, so the slot traffic, exchanges and
+   contention of the real program are in it). Checks: median within 25% of a prediction, and the
+   ranking of schedules by predicted time against the measured ranking (every pair whose
+   predictions differ by > 5%).
 2. Memory: per schedule, the compiled program's per-device bytes (`memory_analysis()`) against the
    bytes of its slot pools (residual + stash + hidden slots times their sizes) and the schedule's
    own predicted peak; the growth of compiled memory per pool byte relative to the smallest schedule.
@@ -46,7 +49,7 @@ from pipesched.solvers import MemoryLimitError, solve_pipeline
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"
 P, M = 2, 8
-FULL = ModelConfig("mlp", microbatch=256, width=512, layers=2)
+FULL = ModelConfig("mlp", microbatch=512, width=1024, layers=1)
 QUICK = ModelConfig("mlp", microbatch=256, width=128, layers=1)
 RANK_MARGIN = 0.05  # predictions closer than this are a tie for the ranking check
 
@@ -120,7 +123,7 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
             continue
         pipeline = compile_pipeline(schedule, config)
         jax.block_until_ready(pipeline.program.grads(pipeline.params, pipeline.batch))
-        ticks = tick_times(pipeline.program, pipeline.params, pipeline.batch)
+        ticks = tick_times(pipeline.program, pipeline.params, pipeline.batch, ticks=4, repeats=2)
         compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], k, ticks)
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
@@ -195,12 +198,15 @@ def summary(results: dict) -> list[str]:
             lines.append(f"{what}: {within} of {len(rows)} schedules within 25% (median error "
                          f"{statistics.median(errors):+.1%}, worst {max(errors, key=abs):+.1%}); ranking: {agree} of "
                          f"{total} pairs (> {RANK_MARGIN:.0%} apart) ordered alike")
-        base = min(rows, key=lambda r: r["pool_bytes"])
-        slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"]) / (r["pool_bytes"] - base["pool_bytes"])
-                  for r in rows if r["pool_bytes"] != base["pool_bytes"]]
-        if slopes:
-            lines.append(f"memory: compiled bytes grow by {min(slopes):.3f}..{max(slopes):.3f} per slot-pool byte "
-                         f"against {base['name']} (1 = the schedule's slots are the program's memory)")
+        for split in sorted({r["split"] for r in rows}):
+            same = [r for r in rows if r["split"] == split]  # one program structure: differences are slots
+            base = min(same, key=lambda r: r["pool_bytes"])
+            slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"]) / (r["pool_bytes"] - base["pool_bytes"])
+                      for r in same if r["pool_bytes"] != base["pool_bytes"]]
+            if slopes:
+                lines.append(f"memory ({'split' if split else 'fused'} backward): compiled bytes grow by "
+                             f"{min(slopes):.3f}..{max(slopes):.3f} per slot-pool byte against {base['name']} "
+                             f"(1 = the schedule's slots are the program's memory)")
     for r in results["loss"]:
         lines.append(f"loss curve {r['name']}: {r['steps']} steps, max |pipelined - unpipelined| = "
                      f"{r['max_abs_difference']:.2e} (loss {r['unpipelined'][0]:.4f} -> {r['unpipelined'][-1]:.4f})")

@@ -38,23 +38,33 @@ def load_results(quick: bool) -> dict:
         return json.loads(out.read_text())
 
 
+PREDICTIONS = (("predicted_makespan_s", "schedule's makespan (profiled ops)", "x"),
+               ("predicted_executed_s", "executed lock-step form (profiled ops)", "o"),
+               ("predicted_ticks_s", "executed form (tick costs measured in the program)", "^"))
+
+
 def time_figure(rows: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 5))
-    top = 1.15 * max(max(r["predicted_executed_s"], r["measured_median_s"]) for r in rows) * 1e3
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    top = 1.1e3 * max(r[key] for r in rows for key in (*(k for k, _, _ in PREDICTIONS), "measured_median_s")
+                      if key in r)
     ax.plot([0, top], [0, top], color="gray", lw=1, label="measured = predicted")
-    ax.fill_between([0, top], [0, 0.75 * top], [0, 1.25 * top], color="gray", alpha=0.15, label="within 25%")
-    for r in rows:
-        marker = "s" if r["split"] else "o"
-        ax.scatter(r["predicted_executed_s"] * 1e3, r["measured_median_s"] * 1e3, marker=marker, zorder=3)
-        ax.scatter(r["predicted_makespan_s"] * 1e3, r["measured_median_s"] * 1e3, marker=marker, facecolors="none",
-                   edgecolors="black", zorder=3)
-        ax.annotate(r["name"], (r["predicted_executed_s"] * 1e3, r["measured_median_s"] * 1e3), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted step time (ms): filled = executed lock-step form, "
-           "hollow = schedule", ylabel="measured median step time (ms)",
-           title="Step time, 2-device CPU mesh (o fused, \u25a1 split backward)")
-    ax.xaxis.label.set_size(8)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.fill_between([0, top], [0, top / 1.25], [0, top / 0.75], color="gray", alpha=0.15,
+                    label="prediction within 25%")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(rows):
+        color = colors[i % len(colors)]
+        y = r["measured_median_s"] * 1e3
+        xs = [r[key] * 1e3 for key, _, _ in PREDICTIONS if key in r]
+        ax.plot(xs, [y] * len(xs), color=color, lw=0.6)
+        for key, _, marker in PREDICTIONS:
+            if key in r:
+                ax.scatter(r[key] * 1e3, y, marker=marker, color=color, zorder=3)
+        ax.annotate(r["name"], (xs[-1], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for _, label, marker in PREDICTIONS:
+        ax.scatter([], [], marker=marker, color="black", label=label)
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel="predicted step time (ms)", ylabel="measured median step time (ms)",
+           title="Pipelined forward/backward, 2-device CPU mesh")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

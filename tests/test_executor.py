@@ -10,7 +10,9 @@ import pytest
 from helpers import hand_1f1b, uniform
 from pipesched import ValidationError
 from pipesched.executor import (ModelConfig, byte_instance, compile_pipeline, compiled_memory_bytes, gradient_error,
-                                loss_curves, make_plan, run, slot_bytes)
+                                loss_curves, make_plan, run, slot_bytes, tick_prediction,
+                                tick_times)
+from pipesched.executor._plan import BRANCH
 from pipesched.pipeline import Action, PipelineInstance, PipelineSchedule, Stage, simulate, validate_pipeline
 from pipesched.pipeline.zoo import interleaved_placement, uniform_instance, v_placement, zoo_schedule
 from pipesched.solvers import solve_pipeline
@@ -43,6 +45,8 @@ CASES = {
     "greedy-P4-split-remat": lambda: _solved("greedy", 4, 4, (0, 1, 2, 3), split=True, limit=8),
     "cpsat-P2-interleaved-remat": lambda: _solved("cpsat", 2, 4, (0, 1, 0, 1), split=False, limit=8),
     "cpsat-P2-v-split": lambda: _solved("cpsat", 2, 4, (0, 1, 1, 0), split=True, limit=None),
+    "cpsat-P4-split-remat": lambda: _solved("cpsat", 4, 4, (0, 1, 2, 3), split=True, limit=8),
+    "greedy-P8-fused-remat": lambda: _solved("greedy", 8, 8, tuple(range(8)), split=False, limit=8),
 }
 
 
@@ -121,6 +125,20 @@ def test_compiled_memory_grows_by_the_activation_bytes_per_slot():
     assert slot_bytes(small.program.plan, small.model)["residual"] == activation
     measured = compiled_memory_bytes(large) - compiled_memory_bytes(small)
     assert abs(measured - 3 * activation) <= 0.1 * 3 * activation
+
+
+def test_tick_prediction_sums_the_slowest_branch_of_each_tick():
+    plan = make_plan(_zoo("1f1b", 2, 2))
+    times = {int(b): float(b) for b in set(plan.table[:, :, BRANCH].ravel())}  # branch b lasts b seconds
+    expected = sum(max(plan.table[:, t, BRANCH]) for t in range(plan.ticks))
+    assert tick_prediction(plan, times) == expected
+
+
+def test_tick_times_cover_every_branch_the_program_runs():
+    pipeline = compile_pipeline(_zoo("1f1b", 2, 2), MLP)
+    times = tick_times(pipeline.program, pipeline.params, pipeline.batch, ticks=2, repeats=1)
+    assert set(times) == set(pipeline.program.plan.table[:, :, BRANCH].ravel().tolist())
+    assert all(t >= 0 for t in times.values())
 
 
 def test_run_report_has_the_format_keys():

@@ -2,18 +2,17 @@
 
 Each device scans over the ticks of its row of the action table; a tick runs one `lax.switch`
 branch (idle, or F / Fr / B / W / R of a stage kind) and then moves the tick's output to the
-neighbour devices with one `lax.ppermute` per device shift. Values live in fixed slot pools:
-`hidden` (stage inputs in transit or kept for R, gradients waiting for B, plus a trash slot),
-per kind `residual` (VJP residuals from F or R until B) and `stash` (op inputs and output
-gradients from F/R and B until W). Parameters of the stages of one kind are stacked per device.
+neighbour devices with one `lax.ppermute` per device shift. Values live in fixed slot pools, each
+with a trash slot: `hidden` (stage inputs in transit or kept for R, gradients waiting for B),
+`residual` (VJP residuals from F or R until B) and `stash` (op inputs and output gradients from
+F/R and B until W). Parameters of the stages of one kind are stacked per device.
 
 A device's pools hold the packed values (flat float32) of all its stages, so a pool has as many
 slots as the device's peak number of live microbatches, each as large as the largest stage kind's
-values. Pools enter the switch read-only: the branch returns the packed values to keep, and the
-pools are updated in place after the switch (the write goes to a trash slot when there is nothing
-to keep). A pool updated inside `lax.switch` would be copied by XLA (its conditional does not
-alias operands to results), doubling the memory of every slot.
-"""
+values. The switch gets the slots its tick reads and returns the packed values to keep; the pools
+are updated in place after the switch (the write goes to the trash slot when there is nothing to
+keep). A pool updated inside `lax.switch` would be copied by XLA (its conditional does not alias
+operands to results), doubling the memory of every slot."""
 
 from __future__ import annotations
 
