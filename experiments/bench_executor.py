@@ -201,8 +201,8 @@ def summary(results: dict) -> list[str]:
         for split in sorted({r["split"] for r in rows}):
             same = [r for r in rows if r["split"] == split]  # one program structure: differences are slots
             base = min(same, key=lambda r: r["pool_bytes"])
-            slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"]) / (r["pool_bytes"] - base["pool_bytes"])
-                      for r in same if r["pool_bytes"] != base["pool_bytes"]]
+            slopes = [(r["compiled_memory_bytes"] - base["compiled_memory_bytes"])
+                      / (r["pool_bytes"] - base["pool_bytes"]) for r in same if r["pool_bytes"] != base["pool_bytes"]]
             if slopes:
                 lines.append(f"memory ({'split' if split else 'fused'} backward): compiled bytes grow by "
                              f"{min(slopes):.3f}..{max(slopes):.3f} per slot-pool byte against {base['name']} "

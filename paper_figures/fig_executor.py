@@ -98,7 +98,8 @@ def loss_figure(row: dict, path: Path) -> Path:
     diff.semilogy(steps, [max(abs(a - b), 1e-12) for a, b in zip(row["pipelined"], row["unpipelined"])],
                   color="tab:red", lw=0.8)
     diff.set_ylabel("|difference|", color="tab:red")
-    ax.set(xlabel="Adam step", ylabel="loss", title=f"gpt-tiny loss curves (max |diff| {row['max_abs_difference']:.1e})")
+    ax.set(xlabel="Adam step", ylabel="loss",
+           title=f"gpt-tiny loss curves (max |diff| {row['max_abs_difference']:.1e})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

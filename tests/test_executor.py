@@ -51,7 +51,8 @@ CASES = {
 
 
 def test_solver_cases_exercise_remat_and_split_backward():
-    ops = {case: {op.op for op in CASES[case]().ops} for case in ("greedy-P4-split-remat", "cpsat-P2-interleaved-remat")}
+    cases = ("greedy-P4-split-remat", "cpsat-P2-interleaved-remat")
+    ops = {case: {op.op for op in CASES[case]().ops} for case in cases}
     assert ops["greedy-P4-split-remat"] == {"F", "B", "W", "R"}
     assert ops["cpsat-P2-interleaved-remat"] == {"F", "B", "R"}
 

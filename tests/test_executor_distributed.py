@@ -10,7 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from pipesched.executor import ModelConfig, ProcessFailure, compile_pipeline, distributed_grads, supervise, unstack
+from pipesched.executor import (ModelConfig, ProcessFailure, compile_pipeline, distributed_grads, free_port, supervise,
+                                unstack, worker_commands)
 from pipesched.pipeline.zoo import uniform_instance, zoo_schedule
 
 MLP = ModelConfig("mlp", microbatch=2, width=8)
@@ -28,12 +29,16 @@ def test_two_processes_match_the_single_process_run():
 
 
 def test_a_dead_process_stops_the_others(tmp_path):
-    waiting = [sys.executable, "-c", "import time; time.sleep(120)"]
+    """Rank 0 is a real worker (it waits for rank 1 to join the job); rank 1 dies at once."""
+    zoo_schedule(uniform_instance(8, 8, 4, 8), "1f1b").schedule.save(tmp_path / "schedule.json")
+    ranks = worker_commands(tmp_path / "schedule.json", MLP, tmp_path / "grads.npz", num_processes=2,
+                            devices_per_process=4, port=free_port())
     dying = [sys.executable, "-c", "import sys; print('rank 1 gives up'); sys.exit(3)"]
     start = time.monotonic()
     with pytest.raises(ProcessFailure, match="process 1 of 2 exited with code 3(.|\n)*rank 1 gives up"):
-        supervise([waiting, dying], timeout_s=60, log_dir=tmp_path)
+        supervise([ranks[0], dying], timeout_s=60, log_dir=tmp_path)
     assert time.monotonic() - start < 30
+    assert not (tmp_path / "grads.npz").exists()
 
 
 def test_a_stuck_run_times_out(tmp_path):

@@ -2,7 +2,7 @@
 
 from pipesched.executor._compile import (AXIS, PipelineProgram, build_program, make_mesh, slot_bytes, stack_params,
                                          unstack)
-from pipesched.executor._distributed import ProcessFailure, distributed_grads, supervise, worker_commands
+from pipesched.executor._distributed import ProcessFailure, distributed_grads, free_port, supervise, worker_commands
 from pipesched.executor._models import (MODELS, Batch, ModelConfig, StagedModel, make_batch, make_model,
                                         reference_grads, reference_loss)
 from pipesched.executor._plan import Plan, executed_form, make_plan, tick_schedule
@@ -13,7 +13,8 @@ from pipesched.executor._run import (REPORT_FORMAT, Pipeline, byte_instance, com
 __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
     "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
-    "compiled_memory_bytes", "distributed_grads", "executed_form", "gradient_error", "loss_curves", "make_batch", "make_mesh",
-    "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads", "reference_loss", "run",
-    "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction", "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
+    "compiled_memory_bytes", "distributed_grads", "executed_form", "free_port", "gradient_error", "loss_curves",
+    "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads",
+    "reference_loss", "run", "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction",
+    "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
 ]
