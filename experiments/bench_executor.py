@@ -37,14 +37,23 @@ import time
 from pathlib import Path
 
 import jax
+from pipesched.solvers import MemoryLimitError, solve_pipeline
 from tqdm.auto import tqdm
 
-from pipesched.executor import (ModelConfig, byte_instance, compile_pipeline, compiled_memory_bytes,
-                                loss_curves, predicted_times, profile_instance, slot_bytes, tick_prediction,
-                                tick_times)
+from pipesched.executor import (
+    ModelConfig,
+    byte_instance,
+    compile_pipeline,
+    compiled_memory_bytes,
+    loss_curves,
+    predicted_times,
+    profile_instance,
+    slot_bytes,
+    tick_prediction,
+    tick_times,
+)
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline
 from pipesched.pipeline.zoo import uniform_instance
-from pipesched.solvers import MemoryLimitError, solve_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pipesched.solvers import solve_placement
 from tqdm.auto import tqdm
 
 from pipesched.moe import (
@@ -35,7 +36,6 @@ from pipesched.moe import (
     moe_reference,
 )
 from pipesched.placement import PlacementInstance, batch_loads, validate_placement
-from pipesched.solvers import solve_placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL_DIM, HIDDEN = 16, 840  # 840 = lcm(1..8): any replica count up to 8 devices splits it evenly

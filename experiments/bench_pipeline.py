@@ -27,10 +27,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipesched.solvers import MemoryLimitError, solve_pipeline
 from tqdm.auto import tqdm
 
 from pipesched.pipeline import PipelineInstance, zoo
-from pipesched.solvers import MemoryLimitError, solve_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results"

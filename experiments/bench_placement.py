@@ -22,10 +22,10 @@ import json
 import statistics
 from pathlib import Path
 
+from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement
 from tqdm.auto import tqdm
 
 from pipesched.placement import PlacementInstance, synthetic_traces
-from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRACES = RESULTS / "traces"

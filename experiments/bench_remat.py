@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
 def report(rows: list[dict]) -> str:
     graphs = sorted((r for r in rows if r["kind"] == "graph"),
                     key=lambda r: (r["graph"], -r["budget_fraction"], REMAT_SOLVERS.index(r["solver"])))
-    fmt = lambda x: "-" if x is None else f"{x:.4f}"
+    def fmt(x):
+        return "-" if x is None else f"{x:.4f}"
     lines = ["# Remat solvers on the public graphs", "",
              ("cost and bound are divided by the no-remat cost (1 = no recomputation). 'infeasible' is "
               "proven (budget below max over nodes of memory(v) + memory(deps)); 'unknown' = no schedule "

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from pipesched.solvers import solve_remat
 from tqdm.auto import tqdm
 
 from pipesched.remat import (
@@ -45,7 +46,6 @@ from pipesched.remat import (
     trace_loss,
     validate_remat,
 )
-from pipesched.solvers import solve_remat
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FRACTIONS = (0.9, 0.8, 0.7, 0.6)

@@ -13,9 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from pipesched.solvers import solve_placement
 
 from pipesched.placement import synthetic_traces
-from pipesched.solvers import solve_placement
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_placement.json"
 BATCH_SIZES = (1, 2, 4, 8, 64, 0)  # 0 = the whole trace

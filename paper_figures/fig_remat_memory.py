@@ -15,9 +15,9 @@ from pathlib import Path
 
 import jax
 from matplotlib.figure import Figure
+from pipesched.solvers import solve_remat
 
 from pipesched.remat import GPTConfig, compiled_memory, gpt_problem, memory_report, remat_instance_from_jax
-from pipesched.solvers import solve_remat
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_remat_jax.json"
 QUICK_FRACTIONS = (1.0, 0.9, 0.8, 0.7, 0.6)

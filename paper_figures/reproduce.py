@@ -47,7 +47,8 @@ def one_f_one_b_figure(shared: Path, out: Path) -> list[Path]:
     instance = PipelineInstance.load(shared / "instances" / "pipeline" / "p02_1f1b_memory.json")
     result = zoo_schedule(instance, "1f1b")
     validate_pipeline(result.schedule)
-    return [gantt(result.schedule, out / "1f1b_p02.png"), save_chrome_trace(result.schedule, out / "1f1b_p02.trace.json")]
+    return [gantt(result.schedule, out / "1f1b_p02.png"),
+            save_chrome_trace(result.schedule, out / "1f1b_p02.trace.json")]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from pipesched._common import FormatError, PipeschedError, ValidationError
 from pipesched._io import load, validate
-from pipesched.solvers import MemoryLimitError
 from pipesched.pipeline import (
     DeadlockError,
     PipelineInstance,
@@ -21,6 +20,7 @@ from pipesched.pipeline import (
     simulate,
     torch_csv,
 )
+from pipesched.solvers import MemoryLimitError
 
 EXIT_INVALID, EXIT_BAD_INPUT = 1, 2
 

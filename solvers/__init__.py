@@ -5,4 +5,7 @@ from pipesched.solvers.pipeline import PIPELINE_SOLVERS, MemoryLimitError, infea
 from pipesched.solvers.placement import PLACEMENT_SOLVERS, solve_placement, transfers
 from pipesched.solvers.remat import REMAT_SOLVERS, solve_remat
 
-__all__ = ["PIPELINE_SOLVERS", "MemoryLimitError", "infeasibility_proof", "solve_pipeline", "PLACEMENT_SOLVERS", "Result", "solve_placement", "transfers", "REMAT_SOLVERS", "solve_remat"]
+__all__ = [
+    "PIPELINE_SOLVERS", "PLACEMENT_SOLVERS", "REMAT_SOLVERS", "MemoryLimitError", "Result",
+    "infeasibility_proof", "solve_pipeline", "solve_placement", "solve_remat", "transfers",
+]

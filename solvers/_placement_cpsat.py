@@ -12,7 +12,8 @@ Model (OR-Tools sample structure):
               batches merged; large b just has few rows of per-expert counts)
   variables   x[e, d] bool (e hosted on d), replicas, share, q as above, M[u] integer (scaled
               batch cost, from its `batch_lower_bounds` up)
-  constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C; M[u] >= sum_e c[u, e] q[e, d] for every d;
+  constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C;
+              M[u] >= sum_e c[u, e] q[e, d] for every d;
               symmetry (devices are identical): without spare slots expert e sits on a device
               d <= e (relabel devices by their smallest expert); with replicas device 0 hosts
               expert 0 (relabel one of its hosts as 0). `canonical` puts the warm start in this form.
@@ -30,10 +31,10 @@ from typing import NamedTuple
 
 import numpy as np
 from ortools.sat.python import cp_model
+from pipesched.solvers._placement_common import Batches, Devices, batch_lower_bounds, canonical, max_replicas
 from tqdm.auto import tqdm
 
 from pipesched.placement import PlacementInstance
-from pipesched.solvers._placement_common import Batches, Devices, batch_lower_bounds, canonical, max_replicas
 
 
 class CpsatOutcome(NamedTuple):

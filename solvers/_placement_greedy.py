@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from pipesched.solvers._placement_common import Batches, Devices, replica_counts
 
 from pipesched.placement import PlacementInstance
-from pipesched.solvers._placement_common import Batches, Devices, replica_counts
 
 
 def round_robin(instance: PlacementInstance) -> Devices:

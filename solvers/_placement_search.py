@@ -18,10 +18,10 @@ import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from pipesched.solvers._placement_common import Batches, Devices, max_replicas
 from tqdm.auto import tqdm
 
 from pipesched.placement import PlacementInstance
-from pipesched.solvers._placement_common import Batches, Devices, max_replicas
 
 _EPS = 1e-10
 

@@ -67,7 +67,8 @@ def discretise(x: tuple[float, ...], g: tuple[float, ...], budget: float, max_sl
             return Discretisation(np.array(x, dtype=np.int64) // unit, np.array(g, dtype=np.int64) // unit,
                                   int(budget // unit))
     unit = max(budget, 1e-300) / max_slots
-    up = lambda v: np.ceil(np.array(v, dtype=float) / unit).astype(np.int64)
+    def up(v):
+        return np.ceil(np.array(v, dtype=float) / unit).astype(np.int64)
     return Discretisation(up(x), up(g), max_slots)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 
+from pipesched.solvers._pipeline_cpsat import solve_cpsat
+from pipesched.solvers._pipeline_greedy import REMAT_MODES, list_schedule, make_rules
+from pipesched.solvers._result import Result
 from tqdm import tqdm
 
 from pipesched._common import FormatError, PipeschedError, approx_le
@@ -20,12 +23,9 @@ from pipesched.pipeline import (
     Simulation,
     simulate,
     validate_pipeline,
+    zoo,
 )
-from pipesched.pipeline import zoo
 from pipesched.pipeline.bounds import infeasible_devices, lower_bound
-from pipesched.solvers._pipeline_cpsat import solve_cpsat
-from pipesched.solvers._pipeline_greedy import REMAT_MODES, list_schedule, make_rules
-from pipesched.solvers._result import Result
 
 PIPELINE_SOLVERS = ("cpsat", "greedy", *zoo.ZOO)
 CPSAT_MAX_OPS = 20_000  # above this many ops the model is too large to pay off; greedy answers

@@ -22,8 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from pipesched._common import FormatError, approx_le
-from pipesched.placement import Placement, PlacementInstance, check_devices, validate_placement
 from pipesched.solvers._placement_common import (
     Batches,
     Devices,
@@ -36,6 +34,9 @@ from pipesched.solvers._placement_cpsat import solve_cpsat
 from pipesched.solvers._placement_greedy import coactivation_greedy, eplb, random_placement, round_robin
 from pipesched.solvers._placement_search import local_search
 from pipesched.solvers._result import Result
+
+from pipesched._common import FormatError, approx_le
+from pipesched.placement import Placement, PlacementInstance, check_devices, validate_placement
 
 __all__ = ["PLACEMENT_SOLVERS", "solve_placement", "transfers"]
 

@@ -6,16 +6,26 @@ import dataclasses
 
 import jax
 import pytest
-
 from helpers import hand_1f1b, uniform
+from pipesched.solvers import solve_pipeline
+
 from pipesched import ValidationError
-from pipesched.executor import (ModelConfig, byte_instance, compile_pipeline, compiled_memory_bytes, gradient_error,
-                                loss_curves, make_plan, run, slot_bytes, tick_prediction,
-                                tick_times)
+from pipesched.executor import (
+    ModelConfig,
+    byte_instance,
+    compile_pipeline,
+    compiled_memory_bytes,
+    gradient_error,
+    loss_curves,
+    make_plan,
+    run,
+    slot_bytes,
+    tick_prediction,
+    tick_times,
+)
 from pipesched.executor._plan import BRANCH
 from pipesched.pipeline import Action, PipelineInstance, PipelineSchedule, Stage, simulate, validate_pipeline
 from pipesched.pipeline.zoo import interleaved_placement, uniform_instance, v_placement, zoo_schedule
-from pipesched.solvers import solve_pipeline
 
 MLP = ModelConfig("mlp", microbatch=2, width=8)
 TOL = 1e-5

@@ -10,8 +10,16 @@ import jax
 import numpy as np
 import pytest
 
-from pipesched.executor import (ModelConfig, ProcessFailure, compile_pipeline, distributed_grads, free_port, supervise,
-                                unstack, worker_commands)
+from pipesched.executor import (
+    ModelConfig,
+    ProcessFailure,
+    compile_pipeline,
+    distributed_grads,
+    free_port,
+    supervise,
+    unstack,
+    worker_commands,
+)
 from pipesched.pipeline.zoo import uniform_instance, zoo_schedule
 
 MLP = ModelConfig("mlp", microbatch=2, width=8)

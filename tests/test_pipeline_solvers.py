@@ -5,13 +5,13 @@ import itertools
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pipesched.solvers import MemoryLimitError, infeasibility_proof, solve_pipeline
 
 from pipesched._common import approx_le
 from pipesched.cli import main
 from pipesched.pipeline import DeadlockError, PipelineInstance, Stage, simulate, validate_pipeline
 from pipesched.pipeline.bounds import lower_bound, min_memory_need
 from pipesched.pipeline.zoo import ZOO, supports, uniform_instance, zoo_schedule
-from pipesched.solvers import MemoryLimitError, infeasibility_proof, solve_pipeline
 
 durations = st.sampled_from([0, 1, 2, 3, 4, 5, 1.5, 2.5])
 

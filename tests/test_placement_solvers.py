@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
-from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
 
 HEURISTICS = [s for s in PLACEMENT_SOLVERS if s != "cpsat"]
 EPLB_WEIGHTS = [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]

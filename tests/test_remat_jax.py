@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pipesched.solvers import solve_remat
 
 from pipesched.remat import (
     GPTConfig,
@@ -25,7 +26,6 @@ from pipesched.remat import (
     trace_loss,
     validate_remat,
 )
-from pipesched.solvers import solve_remat
 
 TINY_GPT = GPTConfig(vocab=32, seq_len=16, width=16, heads=2, depth=2)
 SMALL_GPT = GPTConfig(vocab=64, seq_len=32, width=32, heads=2, depth=2)

@@ -67,8 +67,9 @@ def random_dags(draw, max_nodes: int = 8) -> RematInstance:
 def training_graphs(draw, max_layers: int = 4) -> RematInstance:
     """Forward layers with skips, then backward nodes reading the gradient and forward values."""
     k = draw(st.integers(2, max_layers))
-    node = lambda name, deps: RematNode(name, draw(st.integers(0, 6)), draw(st.integers(1, 8)),
-                                        tuple(deps))
+    def node(name, deps):
+        return RematNode(name, draw(st.integers(0, 6)), draw(st.integers(1, 8)),
+                                            tuple(deps))
     nodes = [node(f"f{i}", [f"f{j}" for j in draw(st.lists(st.integers(0, i - 1), min_size=1, max_size=2,
                                                                    unique=True))] if i else [])
              for i in range(k)]
@@ -88,7 +89,8 @@ def with_some_budget(draw, instance: RematInstance) -> RematInstance:
 @st.composite
 def random_chains(draw, max_layers: int) -> RematInstance:
     n = draw(st.integers(1, max_layers))
-    numbers = lambda lo, hi: draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
+    def numbers(lo, hi):
+        return draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
     chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
     return with_some_budget(draw, chain_instance(chain, 0))
 

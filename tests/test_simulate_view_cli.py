@@ -3,10 +3,10 @@
 import json
 
 import pytest
+from helpers import hand_1f1b, uniform
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import hand_1f1b, uniform
 from pipesched import FormatError
 from pipesched.cli import main
 from pipesched.pipeline import (

@@ -3,8 +3,8 @@
 import dataclasses
 
 import pytest
-
 from helpers import hand_1f1b, uniform
+
 from pipesched import ValidationError
 from pipesched.pipeline import Op, PipelineSchedule, memory_timeline, simulate, validate_pipeline
 

@@ -1,14 +1,39 @@
 """JAX executor: compile a pipeline schedule into one SPMD program over a `pipe` mesh and run it."""
 
-from pipesched.executor._compile import (AXIS, PipelineProgram, build_program, make_mesh, slot_bytes, stack_params,
-                                         unstack)
+from pipesched.executor._compile import (
+                                         AXIS,
+                                         PipelineProgram,
+                                         build_program,
+                                         make_mesh,
+                                         slot_bytes,
+                                         stack_params,
+                                         unstack,
+)
 from pipesched.executor._distributed import ProcessFailure, distributed_grads, free_port, supervise, worker_commands
-from pipesched.executor._models import (MODELS, Batch, ModelConfig, StagedModel, make_batch, make_model,
-                                        reference_grads, reference_loss)
+from pipesched.executor._models import (
+                                         MODELS,
+                                         Batch,
+                                         ModelConfig,
+                                         StagedModel,
+                                         make_batch,
+                                         make_model,
+                                         reference_grads,
+                                         reference_loss,
+)
 from pipesched.executor._plan import Plan, executed_form, make_plan, tick_schedule
 from pipesched.executor._profile import StageMemory, profile_instance, stage_times, tick_prediction, tick_times
-from pipesched.executor._run import (REPORT_FORMAT, Pipeline, byte_instance, compile_pipeline, compiled_memory_bytes,
-                                     gradient_error, loss_curves, predicted_times, run, train_step_fn)
+from pipesched.executor._run import (
+                                         REPORT_FORMAT,
+                                         Pipeline,
+                                         byte_instance,
+                                         compile_pipeline,
+                                         compiled_memory_bytes,
+                                         gradient_error,
+                                         loss_curves,
+                                         predicted_times,
+                                         run,
+                                         train_step_fn,
+)
 
 __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",

@@ -29,8 +29,17 @@ from jax.sharding import PartitionSpec as P
 
 from pipesched.executor._models import Batch, StagedModel, make_batch
 from pipesched.executor._plan import BRANCH, IN, LOCAL, MICROBATCH, OPS, OUT, RES, STASH, Plan
-from pipesched.executor._stage_ops import (ResidualLayout, StageKind, forward, full_vjp, input_vjp,
-                                            join_residuals, residual_layout, split_residuals, weight_grad)
+from pipesched.executor._stage_ops import (
+    ResidualLayout,
+    StageKind,
+    forward,
+    full_vjp,
+    input_vjp,
+    join_residuals,
+    residual_layout,
+    split_residuals,
+    weight_grad,
+)
 
 AXIS = "pipe"
 Leaves = list  # the leaves of a pytree, in jax.tree.leaves order

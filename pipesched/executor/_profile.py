@@ -12,10 +12,17 @@ import numpy as np
 from jax import lax
 
 from pipesched.executor._compile import AXIS, make_mesh
-from pipesched.executor._plan import BRANCH
 from pipesched.executor._models import ModelConfig, StagedModel, make_batch, make_model
-from pipesched.executor._stage_ops import (StageKind, full_vjp, input_vjp, join_residuals, residual_layout,
-                                            split_residuals, weight_grad)
+from pipesched.executor._plan import BRANCH
+from pipesched.executor._stage_ops import (
+    StageKind,
+    full_vjp,
+    input_vjp,
+    join_residuals,
+    residual_layout,
+    split_residuals,
+    weight_grad,
+)
 from pipesched.pipeline import PipelineInstance, Stage
 
 

@@ -14,8 +14,15 @@ import optax
 from tqdm import tqdm
 
 from pipesched.executor._compile import PipelineProgram, build_program, make_mesh, stack_params, unstack
-from pipesched.executor._models import (Batch, ModelConfig, StagedModel, make_batch, make_model, reference_grads,
-                                        reference_loss)
+from pipesched.executor._models import (
+    Batch,
+    ModelConfig,
+    StagedModel,
+    make_batch,
+    make_model,
+    reference_grads,
+    reference_loss,
+)
 from pipesched.executor._plan import executed_form, make_plan, tick_schedule
 from pipesched.executor._profile import StageMemory
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline, program_of, simulate

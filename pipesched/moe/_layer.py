@@ -138,7 +138,8 @@ def expert_parallel_moe(params: MoeParams, x: jax.Array, *, plan: ExpertPlan, me
     """
     G = plan.num_devices
     if mesh.shape.get(AXIS) != G:
-        raise ValueError(f"the mesh needs an axis {AXIS!r} of size {G} (the placement's devices), got {dict(mesh.shape)}")
+        raise ValueError(f"the mesh needs an axis {AXIS!r} of size {G} (the placement's devices), "
+                         f"got {dict(mesh.shape)}")
     num_tokens = x.shape[0]
     if num_tokens % G:
         raise ValueError(f"{num_tokens} tokens do not shard over {G} devices: pass a multiple of {G}")

@@ -1,6 +1,14 @@
 """Pipeline-parallel training schedules: formats.md section 1."""
 
-from pipesched.pipeline._model import INSTANCE_FORMAT, OP_KINDS, SCHEDULE_FORMAT, Op, PipelineInstance, PipelineSchedule, Stage
+from pipesched.pipeline._model import (
+    INSTANCE_FORMAT,
+    OP_KINDS,
+    SCHEDULE_FORMAT,
+    Op,
+    PipelineInstance,
+    PipelineSchedule,
+    Stage,
+)
 from pipesched.pipeline._program import (
     Action,
     BlockedAction,

@@ -7,9 +7,9 @@ import functools
 from typing import Any
 
 from pipesched._common import (
-    JsonFile,
     EMPTY_STATUSES,
     FormatError,
+    JsonFile,
     as_bool,
     as_int,
     as_list,

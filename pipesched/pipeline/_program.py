@@ -39,7 +39,8 @@ class Action(NamedTuple):
     def parse(cls, text: str) -> Action:
         match = _ACTION.match(text.strip())
         if not match:
-            raise FormatError(f"{text!r}: not an action; write {{stage}}{{op}}{{microbatch}} such as 2F0, 1B3, 0W1, 0R2")
+            raise FormatError(f"{text!r}: not an action; write {{stage}}{{op}}{{microbatch}} "
+                              "such as 2F0, 1B3, 0W1, 0R2")
         stage, op, mb = match.groups()
         return cls(int(stage), "B" if op == "I" else op, int(mb))
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from pipesched._common import (
-    JsonFile,
     EMPTY_STATUSES,
     FormatError,
+    JsonFile,
     ValidationError,
     as_int,
     as_list,

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from pipesched._common import (
-    JsonFile,
     EMPTY_STATUSES,
     FormatError,
+    JsonFile,
     ValidationError,
     approx_eq,
     approx_le,
