@@ -266,9 +266,7 @@ class _ListScheduler:
         self.free_at[d] = end
         self.rows[d].append(Action(s, op, m))
         if op in ("F", "R"):
-            self.state[s, m] = op
-            if self.limit[d] is not None:
-                self._update_need(d, m)
+            self.state[s, m] = op  # reaches a level the reservation already counts
         heapq.heappush(self.running, (end, key))
         heapq.heappush(self.times, end)
 
@@ -278,7 +276,7 @@ class _ListScheduler:
         if op != "R":  # optional ops are not counted in `left`
             self.left -= 1
             self.state[s, m] = "Fd" if op == "F" else op
-        if self.limit[d] is not None:
+        if op in ("B", "W") and self.limit[d] is not None:  # the only events that free memory
             self._update_need(d, m)
         if self.lock[d] == key and op == "F" or op == "B" and self.lock[d] == ("R", s, m):
             self.lock[d] = None
