@@ -34,9 +34,10 @@ t*l - C(s+t, s+1), plus 2: the computation of x_0, which Revolve is given, and o
 Revolve performs inside a reverse step (tests/test_remat_solvers.py checks the identity for every
 l <= 30, s <= 5).
 
-Memory is counted in integer units, vectorised over the memory axis with numpy: O(n^3 M) time,
-O(n^2 M) space. When every size and the budget are integers the unit is their gcd (exact);
-otherwise sizes are rounded up and the budget down, which keeps the schedule valid.
+Memory is counted in integer units, vectorised over the memory axis with numpy in cache-sized
+blocks (`chain_tables`): O(n^3 M) time, O(n^2 M) space. When every size and the budget are
+integers the unit is their gcd (exact); otherwise sizes are rounded up and the budget down, which
+keeps the schedule valid.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ import numpy as np
 
 from pipesched.remat import ChainLayout
 
-MAX_TABLE_ENTRIES = 30_000_000  # 5 float32 arrays of (M+1) x n x n: at most 600 MB
+MAX_TABLE_ENTRIES = 30_000_000  # 3 float32 arrays of (M+1) x n x n: at most 360 MB
+CACHE_FLOATS = 1 << 18  # float32 temporaries of about 1 MB per length stay in a core's L2 cache
 
 
 class Discretisation(NamedTuple):
@@ -73,15 +75,14 @@ def discretise(x: tuple[float, ...], g: tuple[float, ...], budget: float, max_sl
 
 
 class ChainTables(NamedTuple):
-    """s1[m, s, d] = C1(s, s+d, m); e0/e1[m, t, n-1-d] = C0/C1(t-d, t, m - x_{t-d-1}). The memory axis
-    comes first and the segment length last (reversed in e0/e1) so that, for one length, the
-    candidates over the checkpoint are contiguous slices."""
+    """left[m, s, j] = F(s, s+j) + C1(s, s+j, m); e0/e1[m, t, n-1-d] = C0/C1(t-d, t, m - x_{t-d-1}).
+    The memory axis comes first and the segment length last (reversed in e0/e1) so that, for one
+    length, the candidates over the checkpoint are contiguous slices."""
 
-    uf: np.ndarray
-    ub: np.ndarray
     x: np.ndarray
     g: np.ndarray
-    s1: np.ndarray
+    first: np.ndarray  # `_first_wide_pairs`
+    left: np.ndarray
     e0: np.ndarray
     e1: np.ndarray
 
@@ -96,24 +97,51 @@ def _shift(values: np.ndarray, by: np.ndarray) -> np.ndarray:
     return np.where(idx >= 0, np.take_along_axis(values, np.maximum(idx, 0), axis=0), np.inf)
 
 
-def _forward_peaks(x: np.ndarray, s: np.ndarray, d: int) -> np.ndarray:
-    """P(s, s+j) for j < d: max over the run of (input + output), the first input held outside."""
-    k = s[:, None] + np.arange(d)[None, :]
-    pairs = x[k] + np.where(k > s[:, None], x[np.maximum(k - 1, 0)], 0)
-    return np.maximum.accumulate(pairs, axis=1)
+def _first_wide_pairs(x: np.ndarray, width: int) -> np.ndarray:
+    """first[r, i]: the first k >= max(i, 1) with x_{k-1} + x_k > r (n if none), for r < width."""
+    n = len(x)
+    pairs = np.concatenate([[0], x[1:] + x[:-1]])
+    idx = np.where(pairs[None, :] > np.arange(width)[:, None], np.arange(n)[None, :], n)
+    return np.minimum.accumulate(idx[:, ::-1], axis=1)[:, ::-1]
 
 
-def _masked_min(left: np.ndarray, right: np.ndarray, unfit: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """min over the last axis of left + right, skipping entries where `unfit`."""
-    total = scratch[:, : left.shape[1], : left.shape[2]]
-    np.add(left, right, out=total)
-    np.copyto(total, np.inf, where=unfit)
-    return total.min(axis=2)
+def _allowed(x: np.ndarray, g_next: np.ndarray, first: np.ndarray, s: np.ndarray, d: int, mode: int,
+             ms: np.ndarray) -> np.ndarray:
+    """allowed[m, s]: checkpoints k = s .. s+allowed-1 of C_mode(s, s+d, m) fit in memory m.
+
+    k fits when g_{t+1} (+ x_t in mode 1) + P(s, k) <= m, with P(s, k) the forward peak from
+    f_{s-1}: max(x_s, x_{i-1} + x_i for s < i <= k). P grows with k, so the allowed k are a prefix."""
+    t = s + d
+    room = ms[:, None] - (g_next[t] + (x[t] if mode else 0))[None, :]
+    reach = first[np.clip(room, 0, None), s[None, :] + 1] - s[None, :]
+    return np.where(room >= x[s][None, :], np.minimum(reach, d), 0)
+
+
+def _memory_blocks(lowest: int, width: int, n: int) -> list[range]:
+    """Memory values lowest .. width-1 in blocks whose per-length temporaries (at most n^2/4 entries
+    per value) fit in a core's L2 cache."""
+    size = max(1, CACHE_FLOATS // max(1, n * n // 4))
+    return [range(lo, min(lo + size, width)) for lo in range(lowest, width, size)]
+
+
+def _prefix_min(total: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """min of total[..., :allowed] over the last axis (inf for an empty prefix); total is clobbered.
+    Only the memory values (first axis) where some prefix is short are masked."""
+    length = total.shape[-1]
+    for m in np.flatnonzero((allowed < length).any(axis=-1)):
+        np.copyto(total[m], np.inf, where=np.arange(length)[None, :] >= allowed[m][:, None])
+    return total.min(axis=-1)
 
 
 def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
     """Fill the DP tables for integer sizes `x`, `g` and integer memory `budget` (float32: the
-    schedule's cost is recomputed exactly afterwards)."""
+    schedule's cost is recomputed exactly afterwards).
+
+    C(s, t, m) reads only shorter segments at memory <= m, so the memory axis is cut into
+    cache-sized blocks, taken in increasing order, each filled for every length in turn: the same
+    values as one pass over all memories, with the temporaries kept in cache. Memories below the
+    smallest single-layer need min_t (g_{t+1} + x_t + g_t) are skipped: every recursion ends in
+    single layers at memory <= m, so those entries are all infinite."""
     uf, ub = np.asarray(uf, dtype=np.float32), np.asarray(ub, dtype=np.float32)
     x, g = np.asarray(x, dtype=np.int64), np.asarray(g, dtype=np.int64)
     n, width = len(x), budget + 1
@@ -123,34 +151,41 @@ def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
     ms = np.arange(width)
     x_prev, g_next = np.concatenate([[0], x[:-1]]), np.concatenate([g[1:], [0]])
     cum_f = np.concatenate([[0], np.cumsum(uf, dtype=np.float64)]).astype(np.float32)
-    s1, e0, e1, forward_left, cand = (np.full((width, n, n), np.inf, dtype=np.float32) for _ in range(5))
-    fits = ms[:, None] >= (g_next + x + g)[None, :]
+    left, e0, e1 = (np.full((width, n, n), np.inf, dtype=np.float32) for _ in range(3))
+    single = g_next + x + g
+    fits = ms[:, None] >= single[None, :]
     c0, c1 = np.where(fits, (uf + ub)[None, :], np.inf), np.where(fits, ub[None, :], np.inf)
-    s1[:, :, 0], e0[:, :, n - 1], e1[:, :, n - 1] = c1, _shift(c0, x_prev), _shift(c1, x_prev)
-    for d in range(1, n):
-        s = np.arange(n - d)
-        t = s + d
-        k = s[:, None] + np.arange(d)[None, :]
-        left = forward_left[:, : n - d, :d]
-        np.add((cum_f[k + 1] - cum_f[s][:, None])[None], s1[:, : n - d, :d], out=left)
-        peak0 = g_next[t][:, None] + _forward_peaks(x, s, d)
-        c0 = _masked_min(left, e0[:, d:, n - d:], peak0[None] > ms[:, None, None], cand)
-        c1 = _masked_min(left, e1[:, d:, n - d:], (peak0 + x[t][:, None])[None] > ms[:, None, None], cand)
-        np.minimum(c0, c1, out=c1)
-        s1[:, : n - d, d] = c1
-        e0[:, d:, n - 1 - d], e1[:, d:, n - 1 - d] = _shift(c0, x_prev[s]), _shift(c1, x_prev[s])
-    return ChainTables(uf, ub, x, g, s1, e0, e1)
+    left[:, :, 0] = (cum_f[1:] - cum_f[:-1])[None, :] + c1
+    e0[:, :, n - 1], e1[:, :, n - 1] = _shift(c0, x_prev), _shift(c1, x_prev)
+    first = _first_wide_pairs(x, width)
+    scratch = np.empty(max(CACHE_FLOATS, n * n // 4 + n), dtype=np.float32)
+    for block in _memory_blocks(int(single.min()), width, n):
+        lo, hi = block.start, block.stop
+        for d in range(1, n):
+            s = np.arange(n - d)
+            total = scratch[: len(block) * (n - d) * d].reshape(len(block), n - d, d)
+            best = []
+            for mode, table in ((0, e0), (1, e1)):
+                allowed = _allowed(x, g_next, first, s, d, mode, ms[lo:hi])
+                np.add(left[lo:hi, : n - d, :d], table[lo:hi, d:, n - d:], out=total)
+                best.append(_prefix_min(total, allowed))
+            c0, c1 = best[0], np.minimum(best[0], best[1])
+            left[lo:hi, : n - d, d] = (cum_f[s + d + 1] - cum_f[s])[None, :] + c1
+            rows = ms[lo:hi, None] + x_prev[s][None, :]
+            keep = rows < width
+            t = np.broadcast_to(s + d, rows.shape)[keep]
+            e0[rows[keep], t, n - 1 - d], e1[rows[keep], t, n - 1 - d] = c0[keep], c1[keep]
+    return ChainTables(x, g, first, left, e0, e1)
 
 
 def _candidates(tables: ChainTables, mode: int, s: int, t: int, m: int) -> np.ndarray:
     """The costs of C_mode(s, t, m) for each checkpoint k = s .. t-1 (same arithmetic as the tables)."""
-    n, d = len(tables.x), t - s
-    j = np.arange(d)
-    forward_left = (np.cumsum(tables.uf[s:t]) + tables.s1[m, s, j])
-    peak = _forward_peaks(tables.x, np.array([s]), d)[0] + (tables.g[t + 1] if t + 1 < n else 0)
+    n, d, x = len(tables.x), t - s, tables.x
+    g_next = np.concatenate([tables.g[1:], [0]])
     table = tables.e1 if mode else tables.e0
-    cand = forward_left + table[m, t, n - d + j]
-    cand[peak + (tables.x[t] if mode else 0) > m] = np.inf
+    cand = tables.left[m, s, :d] + table[m, t, n - d:]
+    allowed = _allowed(x, g_next, tables.first, np.array([s]), d, mode, np.array([m]))
+    cand[int(allowed[0, 0]):] = np.inf
     return cand
 
 

@@ -47,8 +47,7 @@ GREEDY_CHAIN_LAYERS = 200  # `greedy` includes the chain DP up to this many laye
 MAX_COPIES = 64  # per node in the CP-SAT model; above it the model is clipped (not exact)
 REORDER_SHARE = 0.25  # share of the time for a first no-remat model (one copy per node): a new order
 SEARCH_COPIES = 2  # copies per node in a search-only round (the proven caps are too large)
-SEARCH_SHARE = 0.3  # share of the time left for a first round whose better cost shrinks the caps
-LARGE_MODEL = 1.5  # a model with more copies than this many per node gets such a first round
+SEARCH_SHARE = 0.3  # share of the time left for a search-only round (its better cost shrinks the caps)
 MAX_READ_LITERALS = 200_000  # size guard for the CP-SAT model
 
 
@@ -160,12 +159,13 @@ def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, 
            started: float) -> Result:
     """Warm start from `greedy`. Unless that already costs the no-remat bound, first look for an
     order that needs no recomputation (one copy per node; found = optimal). The proven copy caps
-    shrink as the best known cost falls, so while
-    they are too large for an exact model (clipped), or the first time the model is large, spend
-    part of the time looking for a cheaper schedule; then solve the exact model with the time
-    left. Every exact round's bound is a proof; the best is kept."""
+    shrink as the best known cost falls, so while they are too large for an exact model
+    (clipped), spend part of the time looking for a cheaper schedule; then solve the exact model
+    with all the time left (stopping an exact solve to restart with the tighter caps of a better
+    cost was slower on VGG19_b80 and fcn_8_vgg_b80). Every exact round's bound is a proof; the
+    best is kept."""
     best = _cheapest(instance, _greedy(instance))
-    bound, first, stalled = instance.total_cost, True, False
+    bound, stalled = instance.total_cost, False
     if best is None or not approx_eq(best[1], bound):  # is there an order that needs no remat?
         reorder = solve_cpsat(instance, [1] * len(instance.nodes), None, time_limit=time_limit * REORDER_SHARE,
                               workers=workers, seed=seed, progress=progress, caps_exact=False)
@@ -181,10 +181,7 @@ def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, 
             used = [0] * len(caps) if hint is None else [hint.count(v) for v in range(len(caps))]
             clipped = [min(c, max(SEARCH_COPIES, k)) for c, k in zip(caps, used)]
         remaining = time_limit - (time.perf_counter() - started)
-        large = sum(clipped) > LARGE_MODEL * len(instance.nodes)
-        final = exact and not (large and first)
-        budget = remaining if final or stalled else remaining * SEARCH_SHARE
-        first = False
+        budget = remaining if exact or stalled else remaining * SEARCH_SHARE
         outcome = solve_cpsat(instance, clipped, hint, time_limit=budget, workers=workers, seed=seed,
                               progress=progress, caps_exact=exact)
         if outcome.proven_infeasible:
@@ -194,7 +191,7 @@ def _cpsat(instance: RematInstance, time_limit: float, workers: int, seed: int, 
         previous = best
         best = _better(instance, best, outcome.computes)
         improved = best is not previous
-        if outcome.proven_optimal or final or (stalled and not exact) \
+        if outcome.proven_optimal or exact or (stalled and not exact) \
                 or time.perf_counter() - started >= time_limit:
             break
         stalled = not improved
