@@ -14,17 +14,24 @@ Model (OR-Tools sample structure):
               batch cost, from its `batch_lower_bounds` up)
   constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C;
               M[u] >= sum_e c[u, e] q[e, d] for every d;
+              redundant, for the LP: sum_d q[e, d] = S, sum_e replicas[e] <= C*G and
+              M[u] >= c[u, e] share[e] (the replica-count relaxation of `replica_bound`);
               symmetry (devices are identical): without spare slots expert e sits on a device
-              d <= e (relabel devices by their smallest expert); with replicas device 0 hosts
-              expert 0 (relabel one of its hosts as 0). `canonical` puts the warm start in this form.
+              d <= e (relabel devices by their smallest expert); with replicas the devices'
+              smallest experts are non-decreasing, empty devices last (sort devices by them: a
+              shared smallest expert only leaves ties). `canonical` puts the warm start in this form.
+              None with a migration term: transfers depend on the device labels.
   objective   minimise sum_u m[u] M[u] (+ migration_weight * transfers, scaled likewise)
 The proven bound is CP-SAT's best objective bound over S * (number of batches); it is a bound on
 the pure 3.2 cost only when migration_weight = 0. (This share encoding proved EPLB's README
 example about twice as fast as enumerating replica counts with one boolean per (e, d, r).)
+Two relaxations prove bounds fast where this model's own bound is weak: `replica_bound` (spare
+slots) and `colocation_bound` (no spare slot).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -99,12 +106,20 @@ def solve_cpsat(
         for d in range(G):
             model.add(q[e, d] == share[e]).only_enforce_if(x[e, d])
             model.add(q[e, d] == 0).only_enforce_if(~x[e, d])
-    if R == 1:
+        model.add(sum(q[e, d] for d in range(G)) == S)  # redundant: r hosts carry S / r each
+    if R > 1:  # redundant: the replica-count relaxation (`replica_bound`) inside the model
+        model.add(sum(replicas) <= instance.num_slots)
+        for u, row in enumerate(counts):
+            for e in np.flatnonzero(row):
+                model.add(M[u] >= int(row[e]) * share[e])
+    labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
+    if R == 1 and not labelled:
         for e in range(E):
             for d in range(e + 1, G):
                 model.add(x[e, d] == 0)
-    else:
-        model.add(x[0, 0] == 1)
+    elif not labelled:
+        for d, e in itertools.product(range(G - 1), range(E)):  # e on d + 1: d hosts an expert <= e
+            model.add(sum(x[f, d] for f in range(e + 1)) >= x[e, d + 1])
     for u, row in enumerate(counts):
         used = np.flatnonzero(row)
         for d in range(G):
@@ -118,7 +133,7 @@ def solve_cpsat(
         objective += sum(price * x[e, d] for e in range(E) for d in range(G) if (e, d) not in was)
     model.minimize(objective)
 
-    _add_hint(model, canonical(hint), x, replicas, share, q, M, counts, S)
+    _add_hint(model, [sorted(d) for d in hint] if labelled else canonical(hint), x, replicas, share, q, M, counts, S)
 
     # solve
     solver = cp_model.CpSolver()
@@ -132,6 +147,109 @@ def solve_cpsat(
         return CpsatOutcome(None, bound, False)
     devices = [[e for e in range(E) if solver.boolean_value(x[e, d])] for d in range(G)]
     return CpsatOutcome(devices, bound, status == cp_model.OPTIMAL and migration_weight == 0)
+
+
+def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: float, workers: int = 2,
+                  seed: int = 0) -> float:
+    """A proven lower bound on the 3.2 cost with spare slots: the replica-count relaxation.
+
+    Every placement has replica counts r with 1 <= r(e) <= R (`max_replicas`) and
+    sum_e (r(e) - 1) <= C*G - E (each replica takes a spare slot). For such an r, every batch u
+    costs at least c[u, e] / r(e) for each expert (each host of e carries that), at least
+    T_u / G (the loads sum to T_u = sum_e c[u, e]) and at least its `batch_lower_bounds` entry.
+    Scaled by S = lcm(1, ..., R) every load is an integer, so the scaled cost is at least the
+    ceiling of each of these. Minimising the weighted sum of these per-batch maxima over all
+    feasible r (forgetting which devices host what) is a relaxation, so CP-SAT's proven objective
+    bound on it (the optimum when solved) bounds every placement's cost from below. Unlike the
+    per-batch bounds it knows that only C*G - E spare slots exist: at b = 1 a token costs less
+    than 1 only when all its experts are replicated.
+    """
+    # data
+    E, G, spare = instance.num_experts, instance.num_devices, instance.num_slots - instance.num_experts
+    R = max_replicas(instance)
+    S = math.lcm(*range(1, R + 1))
+    counts = batches.counts
+    lows = np.ceil(np.maximum(batch_lower_bounds(instance, batches), counts.sum(axis=1) / G) * S - 1e-6)
+    model = cp_model.CpModel()
+
+    # variables: y[e, r] = expert e has r replicas; M[u] = scaled cost of batch u
+    y = {(e, r): model.new_bool_var(f"y[{e},{r}]") for e in range(E) for r in range(1, R + 1)}
+    M = [model.new_int_var(int(lows[u]), int(row.sum()) * S, f"M[{u}]") for u, row in enumerate(counts)]
+
+    # constraints
+    for e in range(E):
+        model.add_exactly_one(y[e, r] for r in range(1, R + 1))
+    model.add(sum((r - 1) * y[e, r] for e in range(E) for r in range(2, R + 1)) <= spare)
+    for u, row in enumerate(counts):
+        for e in np.flatnonzero(row):
+            model.add(M[u] >= sum(int(row[e]) * (S // r) * y[e, r] for r in range(1, R + 1)))
+
+    # objective
+    model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
+
+    # solve: any proven objective bound is valid, optimal or not
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    solver.solve(model)
+    relaxed = max(float(batches.multiplicity @ lows), float(solver.best_objective_bound))  # NaN: the first
+    return relaxed / (S * int(batches.multiplicity.sum()))
+
+
+# transitivity clauses (3 per expert triple) are added up to this many experts
+_TRANSITIVE_MAX_EXPERTS = 32
+
+
+def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limit: float, workers: int = 2,
+                     seed: int = 0) -> float:
+    """A proven lower bound on the 3.2 cost without spare slots: the co-location relaxation.
+
+    Without spare slots (C*G = E) every device holds exactly C experts, one copy each, so
+    "a and b share a device" is an equivalence relation whose classes have exactly C members:
+    s[a, b] booleans, each expert related to exactly C - 1 others, and (for E <= 32) transitive.
+    A batch whose experts a, b share a device costs at least c[u, a] + c[u, b], and at least its
+    `batch_lower_bounds` entry. Devices are unlabelled here (no symmetry), so CP-SAT proves this
+    relaxation far faster than the placement model: at b = 1 it decides which tokens can have all
+    experts on distinct devices (cost 1) and which must pay 2. Its proven objective bound bounds
+    every placement's cost from below (dropping transitivity for large E only weakens it).
+    """
+    # data
+    E, C = instance.num_experts, instance.slots_per_device
+    if instance.num_slots != E:
+        raise ValueError(f"colocation_bound needs C*G = E (no spare slot), got {instance.num_slots} slots for {E} "
+                         "experts; use replica_bound")
+    counts = batches.counts
+    lows = np.ceil(batch_lower_bounds(instance, batches) - 1e-9).astype(int)  # loads are integers
+    model = cp_model.CpModel()
+
+    # variables: s[a, b] (a < b) = a and b share a device; M[u] = cost of batch u
+    s = {pair: model.new_bool_var(f"s[{pair[0]},{pair[1]}]") for pair in itertools.combinations(range(E), 2)}
+    M = [model.new_int_var(int(lows[u]), int(row.sum()), f"M[{u}]") for u, row in enumerate(counts)]
+
+    # constraints
+    for a in range(E):
+        model.add(sum(s[min(a, b), max(a, b)] for b in range(E) if b != a) == C - 1)
+    if E <= _TRANSITIVE_MAX_EXPERTS:
+        for a, b, c in itertools.combinations(range(E), 3):
+            for x, y, z in ((s[a, b], s[b, c], s[a, c]), (s[a, b], s[a, c], s[b, c]), (s[a, c], s[b, c], s[a, b])):
+                model.add_bool_or([~x, ~y, z])
+    for u, row in enumerate(counts):
+        for a, b in itertools.combinations(np.flatnonzero(row), 2):
+            if row[a] + row[b] > lows[u]:
+                model.add(M[u] >= int(row[a] + row[b])).only_enforce_if(s[a, b])
+
+    # objective
+    model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
+
+    # solve: any proven objective bound is valid, optimal or not
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    solver.solve(model)
+    relaxed = max(float(batches.multiplicity @ lows), float(solver.best_objective_bound))  # NaN: the first
+    return relaxed / int(batches.multiplicity.sum())
 
 
 def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, M, counts: np.ndarray,

@@ -14,7 +14,11 @@ Migration: with `current` (the placement in service) and migration_weight > 0, t
 search (local-search, cpsat, greedy's choice) minimise cost + migration_weight * transfers, where
 transfers = the (expert, device) pairs hosted that `current` does not host (weights to copy). The
 written `cost` stays the pure 3.2 cost; get the transfers with `transfers(current, devices)`.
-Any result whose cost meets the proven lower bound is reported "optimal".
+
+Lower bound: `lower_bound` (per-batch bounds) and, with spare slots, `replica_bound` (the
+replica-count relaxation, solved by CP-SAT in a tenth of the time limit); cpsat adds, without spare
+slots, `colocation_bound` (another tenth) and its own proven bound. Any result whose cost meets
+the proven lower bound is reported "optimal".
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from pipesched.solvers._placement_common import (
     aggregate,
     cost,
     lower_bound,
+    max_replicas,
     transfers,
 )
-from pipesched.solvers._placement_cpsat import solve_cpsat
+from pipesched.solvers._placement_cpsat import colocation_bound, replica_bound, solve_cpsat
 from pipesched.solvers._placement_greedy import coactivation_greedy, eplb, random_placement, round_robin
 from pipesched.solvers._placement_search import local_search
 from pipesched.solvers._result import Result
@@ -42,8 +47,10 @@ __all__ = ["PLACEMENT_SOLVERS", "solve_placement", "transfers"]
 
 PLACEMENT_SOLVERS = ("round-robin", "random", "eplb", "coactivation", "local-search", "cpsat", "greedy")
 
-# share of the time limit that cpsat spends on its local-search warm start
+# shares of the time limit that cpsat spends on its local-search warm start, and every solver on
+# the replica-count relaxation bound (with spare slots only)
 _WARM_START_SHARE = 0.2
+_BOUND_SHARE = 0.1
 
 
 def solve_placement(
@@ -70,6 +77,9 @@ def solve_placement(
     start = time.perf_counter()
     batches = aggregate(instance)
     bound = lower_bound(instance, batches)
+    if max_replicas(instance) > 1:
+        bound = max(bound, replica_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit, workers=workers,
+                                         seed=seed))
 
     def objective(devices: Sequence[Sequence[int]]) -> float:
         return cost(instance, batches, devices) + migration_weight * transfers(current, devices)
@@ -90,18 +100,24 @@ def solve_placement(
     elif solver == "coactivation":
         devices = coactivation_greedy(instance, batches)
     elif solver == "local-search":
-        devices = search(time_limit)
+        devices = search(time_limit - (time.perf_counter() - start))
     elif solver == "greedy":
-        devices = min([search(time_limit), coactivation_greedy(instance, batches),
+        devices = min([search(time_limit - (time.perf_counter() - start)), coactivation_greedy(instance, batches),
                        _eplb(instance, batches), round_robin(instance)], key=objective)
     else:
         warm = search(_WARM_START_SHARE * time_limit)
-        outcome = solve_cpsat(instance, batches, warm, time_limit=time_limit - (time.perf_counter() - start),
-                              workers=workers, seed=seed, current=current, migration_weight=migration_weight,
-                              progress=progress)
-        devices = warm if outcome.devices is None else min([outcome.devices, warm], key=objective)
-        proven = outcome.optimal
-        bound = bound if outcome.bound is None else max(bound, outcome.bound)
+        if instance.num_slots == instance.num_experts and instance.slots_per_device > 1:
+            bound = max(bound, colocation_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit,
+                                                workers=workers, seed=seed))
+        if migration_weight == 0 and approx_le(cost(instance, batches, warm), bound):
+            devices = warm  # proven optimal already
+        else:
+            outcome = solve_cpsat(instance, batches, warm, time_limit=time_limit - (time.perf_counter() - start),
+                                  workers=workers, seed=seed, current=current, migration_weight=migration_weight,
+                                  progress=progress)
+            devices = warm if outcome.devices is None else min([outcome.devices, warm], key=objective)
+            proven = outcome.optimal
+            bound = bound if outcome.bound is None else max(bound, outcome.bound)
     return _result(instance, batches, devices, bound, proven, solver, time.perf_counter() - start)
 
 
