@@ -3,15 +3,16 @@
     python experiments/bench_executor.py [--quick] [--out PATH]
 
 1. Step time: the MLP (ops of >= 5 ms in full mode) is profiled (`profile_instance`) into a P=2,
-   M=8 pipeline instance, fused and split backward; zoo schedules, greedy and CP-SAT at several
-   memory limits (k activations per device, remat allowed) are compiled and their pipelined
-   forward/backward program is timed in interleaved rounds (median per schedule). Predictions: the
-   schedule's own makespan and its executed (lock-step) form, both with the profiled op durations,
-   and the executed form with tick costs measured in the compiled program (`tick_times`: each
-   branch the schedule uses, run in lock step on both devices, so the slot traffic, exchanges and
-   contention of the real program are in it). Checks: median within 25% of a prediction, and the
-   ranking of schedules by predicted time against the measured ranking (every pair whose
-   predictions differ by > 5%).
+   M=8 pipeline instance, fused and split backward, with the ops timed as ticks of a calibration
+   program (the default, `in_program=True`) and, for comparison, alone (`in_program=False`); zoo
+   schedules, greedy and CP-SAT (solved on the in-program profile) at several memory limits (k
+   activations per device, remat allowed) are compiled and their pipelined forward/backward program
+   is timed in interleaved rounds (median per schedule). Predictions: the schedule's own makespan
+   and its executed (lock-step) form with the profiled op durations (in program, and alone), and,
+   as a diagnostic that is not a prediction, the executed form with tick costs measured in the
+   timed program itself (`tick_times`). Checks: median within 25% of a prediction, and the ranking
+   of schedules by predicted time against the measured ranking (every pair whose predictions
+   differ by > 5%).
 2. Memory: per schedule, the compiled program's per-device bytes (`memory_analysis()`) against the
    bytes of its slot pools (residual + stash + hidden slots times their sizes) and the schedule's
    own predicted peak; the growth of compiled memory per pool byte relative to the smallest schedule.
@@ -121,8 +122,11 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
     specs = [s for s in schedule_specs(quick) if spec_name(*s) not in done]
     if not specs:
         return []
-    profiled = {split: profile_instance(config, (0, 1), M, split_backward=split, allow_remat=True, repeats=7)
-                for split in sorted({s[0] for s in specs})}
+    splits = sorted({s[0] for s in specs})
+    profiled = {split: profile_instance(config, (0, 1), M, split_backward=split, allow_remat=True, repeats=5)
+                for split in tqdm(splits, desc="profile ops in program")}
+    alone = {split: profile_instance(config, (0, 1), M, split_backward=split, allow_remat=True, repeats=7,
+                                     in_program=False) for split in splits}
     compiled = {}
     for split, solver, k in tqdm(specs, desc="compile schedules", unit="schedule"):
         try:
@@ -133,22 +137,25 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
         pipeline = compile_pipeline(schedule, config)
         jax.block_until_ready(pipeline.program.grads(pipeline.params, pipeline.batch))
         ticks = tick_times(pipeline.program, pipeline.params, pipeline.batch, ticks=4, repeats=2)
-        compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], k, ticks)
+        compiled[spec_name(split, solver, k)] = (schedule, pipeline, profiled[split], alone[split], k, ticks)
     times: dict[str, list[float]] = {name: [] for name in compiled}
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
         for name, (_, pipeline, *_) in compiled.items():
             times[name] += median_time(pipeline.program.grads, (pipeline.params, pipeline.batch), 2)
     rows = []
-    for name, (schedule, pipeline, timing, k, ticks) in compiled.items():
+    for name, (schedule, pipeline, timing, timing_alone, k, ticks) in compiled.items():
         makespan, executed = predicted_times(schedule, timing)
+        makespan_alone, executed_alone = predicted_times(schedule, timing_alone)
         stages = timing.stages
         rows.append({
             "name": name, "split": schedule.instance.split_backward, "solver": schedule.solver,
             "memory_limit_activations": k,
             "rematerialized": len(schedule.rematerialized),
             "op_ms": {op: [getattr(st, op) / 1e3 for st in stages] for op in ("F", "B", "W")},
-            "comm_ms": max(timing.comm_after(s) for s in range(timing.num_stages - 1)) / 1e3,
+            "op_alone_ms": {op: [getattr(st, op) / 1e3 for st in timing_alone.stages] for op in ("F", "B", "W")},
+            "comm_alone_ms": max(timing_alone.comm_after(s) for s in range(timing.num_stages - 1)) / 1e3,
             "predicted_makespan_s": makespan * 1e-6, "predicted_executed_s": executed * 1e-6,
+            "predicted_makespan_alone_s": makespan_alone * 1e-6, "predicted_executed_alone_s": executed_alone * 1e-6,
             "predicted_ticks_s": tick_prediction(pipeline.program.plan, ticks),
             "tick_ms": {str(b): t * 1e3 for b, t in ticks.items()},
             "measured_median_s": statistics.median(times[name]), "measured_s": times[name],
@@ -190,16 +197,19 @@ def ranking_pairs(rows: list[dict], key: str) -> tuple[int, int]:
     return agree, total
 
 
-PREDICTIONS = {"predicted_executed_s": "executed form with the profiled op durations",
-               "predicted_ticks_s": "executed form with tick costs measured in the compiled program"}
+PREDICTIONS = {"predicted_executed_s": "executed form, ops profiled in the program (the prediction)",
+               "predicted_executed_alone_s": "executed form, ops profiled alone",
+               "predicted_ticks_s": "executed form, tick costs measured in the timed program (diagnostic)"}
+METHOD = "ops profiled in program"  # results of another method are measured again
 
 
 def summary(results: dict) -> list[str]:
     rows = results["timing"]
     lines = []
     if rows:
-        smallest = min(min(r["op_ms"]["F"]) for r in rows)
-        lines.append(f"smallest profiled F: {smallest:.1f} ms")
+        smallest = min(min(r["op_alone_ms"]["F"]) for r in rows)
+        idle = statistics.median(r["tick_ms"]["0"] for r in rows if "0" in r["tick_ms"])
+        lines.append(f"smallest F alone: {smallest:.1f} ms; median idle tick of the timed programs: {idle:.1f} ms")
         for key, what in PREDICTIONS.items():
             errors = [r["measured_median_s"] / r[key] - 1 for r in rows]
             within = sum(abs(e) <= 0.25 for e in errors)
@@ -224,14 +234,17 @@ def summary(results: dict) -> list[str]:
 
 def write_markdown(results: dict, path: Path) -> None:
     header = ["schedule", "remat", "ticks", "slots res/stash/hidden", "pred. makespan ms", "pred. executed ms",
-              "pred. ticks ms", "measured ms", "compiled MiB", "pools MiB", "schedule peak MiB"]
-    lines = ["# Executor benchmark", "", f"backend {results['backend']}, {P} devices, M={M}, model {results['model']}",
+              "pred. executed (ops alone) ms", "pred. ticks ms", "measured ms", "compiled MiB", "pools MiB",
+              "schedule peak MiB"]
+    lines = ["# Executor benchmark", "", f"backend {results['backend']}, {P} devices, M={M}, model {results['model']}, "
+             f"1-min load average {results.get('load_average_1min')} (before, after timing; 2 cores)",
              "", *[f"- {line}" for line in summary(results)], "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results["timing"]:
         slots = f"{max(r['residual_slots'])}/{max(r['stash_slots'])}/{r['hidden_slots']}"
         cells = [r["name"], str(r["rematerialized"]), str(r["ticks"]), slots,
-                 *(f"{r[k] * 1e3:.1f}" for k in ("predicted_makespan_s", "predicted_executed_s", "predicted_ticks_s",
+                 *(f"{r[k] * 1e3:.1f}" for k in ("predicted_makespan_s", "predicted_executed_s",
+                                                 "predicted_executed_alone_s", "predicted_ticks_s",
                                                  "measured_median_s")),
                  *(f"{v / 2**20:.2f}" for v in (r["compiled_memory_bytes"], r["pool_bytes"],
                                                 max(r["predicted_peak_memory_bytes"])))]
@@ -248,11 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     config = QUICK if args.quick else FULL
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if results.get("model") != dataclasses.asdict(config):
-        results = {"model": dataclasses.asdict(config), "timing": [], "loss": []}
+    if results.get("model") != dataclasses.asdict(config) or results.get("method") != METHOD:
+        results = {"model": dataclasses.asdict(config), "method": METHOD, "timing": [], "loss": []}
     results["backend"] = jax.default_backend()
     done = {r["name"] for r in results["timing"]}
+    load_before = os.getloadavg()
     results["timing"] += timing_rows(config, args.quick, done, args.time_limit, rounds=3 if args.quick else 5)
+    results["load_average_1min"] = [load_before[0], os.getloadavg()[0]]  # before and after timing (shared machine)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     if not results["loss"]:
         results["loss"].append(loss_row(20 if args.quick else 100))

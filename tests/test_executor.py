@@ -18,12 +18,14 @@ from pipesched.executor import (
     gradient_error,
     loss_curves,
     make_plan,
+    profile_instance,
     run,
     slot_bytes,
     tick_prediction,
     tick_times,
 )
-from pipesched.executor._plan import BRANCH
+from pipesched.executor._plan import BRANCH, OPS, branch_index
+from pipesched.executor._profile import calibration_plan, calibration_rows
 from pipesched.pipeline import Action, PipelineInstance, PipelineSchedule, Stage, simulate, validate_pipeline
 from pipesched.pipeline.zoo import interleaved_placement, uniform_instance, v_placement, zoo_schedule
 
@@ -150,6 +152,23 @@ def test_tick_times_cover_every_branch_the_program_runs():
     times = tick_times(pipeline.program, pipeline.params, pipeline.batch, ticks=2, repeats=1)
     assert set(times) == set(pipeline.program.plan.table[:, :, BRANCH].ravel().tolist())
     assert all(t >= 0 for t in times.values())
+
+
+def test_calibration_program_has_every_branch_of_the_placement():
+    plan = calibration_plan((0, 1, 1, 0), split_backward=True)  # V shape: first, middle and last kinds
+    assert plan.num_microbatches == 1 and plan.residual_slots == (2, 2)  # two stages live per device
+    expected = {0} | {branch_index(c, op) for c in range(3) for op in OPS}
+    assert set(calibration_rows(plan)) == expected
+    fused = calibration_plan((0, 1), split_backward=False)
+    assert set(calibration_rows(fused)) == {0} | {branch_index(c, op) for c in range(2) for op in OPS if op != "W"}
+
+
+def test_profile_in_program_times_every_op_as_a_tick():
+    instance = profile_instance(MLP, (0, 1), 4, split_backward=True, repeats=1)
+    assert instance.comm == 0  # the exchange is part of every tick
+    assert instance.num_microbatches == 4 and [st.device for st in instance.stages] == [0, 1]
+    assert all(min(st.F, st.B, st.W, st.R) >= 1 for st in instance.stages)
+    assert all(st.activation > 0 and st.wgrad_stash > 0 for st in instance.stages)
 
 
 def test_run_report_has_the_format_keys():

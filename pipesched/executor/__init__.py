@@ -21,7 +21,15 @@ from pipesched.executor._models import (
                                          reference_loss,
 )
 from pipesched.executor._plan import Plan, executed_form, make_plan, tick_schedule
-from pipesched.executor._profile import StageMemory, profile_instance, stage_times, tick_prediction, tick_times
+from pipesched.executor._profile import (
+                                         StageMemory,
+                                         profile_instance,
+                                         program_stage_times,
+                                         program_tick_times,
+                                         stage_times,
+                                         tick_prediction,
+                                         tick_times,
+)
 from pipesched.executor._run import (
                                          REPORT_FORMAT,
                                          Pipeline,
@@ -39,7 +47,8 @@ __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
     "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
     "compiled_memory_bytes", "distributed_grads", "executed_form", "free_port", "gradient_error", "loss_curves",
-    "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance", "reference_grads",
+    "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance",
+    "program_stage_times", "program_tick_times", "reference_grads",
     "reference_loss", "run", "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction",
     "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
 ]

@@ -9,7 +9,8 @@ F/R and B until W). Parameters of the stages of one kind are stacked per device.
 
 A device's pools hold the packed values (flat float32) of all its stages, so a pool has as many
 slots as the device's peak number of live microbatches, each as large as the largest stage kind's
-values. The switch gets the slots its tick reads and returns the packed values to keep; the pools
+values. The switch gets the pools, reads the slots of its tick inside the branch (a slot read before
+the switch would be copied every tick, used or not) and returns the packed values to keep; the pools
 are updated in place after the switch (the write goes to the trash slot when there is nothing to
 keep). A pool updated inside `lax.switch` would be copied by XLA (its conditional does not alias
 operands to results), doubling the memory of every slot."""
@@ -231,10 +232,8 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
         writes = jnp.asarray(writer_table)
 
         def tick(carry: Carry, row):
-            m = row[MICROBATCH]
-            emit = lax.switch(row[BRANCH], branches, carry.hidden[row[IN]], inputs[m], targets[m], params,
-                              carry.residual[row[RES]], carry.stash_inputs[row[STASH]], carry.stash_grads[row[STASH]],
-                              row)
+            emit = lax.switch(row[BRANCH], [_reading(b) for b in branches], carry.hidden, inputs, targets, params,
+                              carry.residual, carry.stash_inputs, carry.stash_grads, row)
             writer = writes[row[BRANCH]]
             carry = Carry(
                 hidden=_send(carry.hidden, emit.out, row, plan.shifts, P_),
@@ -267,13 +266,22 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
     return PipelineProgram(plan, mesh, grads, sharded, replicated, with_table)
 
 
+def _reading(run: Callable) -> Callable:
+    """The branch reads its slots inside the switch: a slot read before it would be copied every
+    tick, whether the branch uses it or not."""
+    def read(hidden, inputs, targets, params, residual, stash_inputs, stash_grads, row) -> Emit:
+        m, stash = row[MICROBATCH], row[STASH]
+        return run(hidden[row[IN]], inputs[m], targets[m], params, residual[row[RES]], stash_inputs[stash],
+                   stash_grads[stash], row)
+    return read
+
+
 def _put(pool: jax.Array, slot, value: jax.Array) -> jax.Array:
     return lax.dynamic_update_index_in_dim(pool, value, slot, 0)
 
 
 def _accumulate(grads: Leaves, local, values: Leaves, enabled) -> Leaves:
-    return [lax.dynamic_update_index_in_dim(a, a[local] + jnp.where(enabled, v, 0), local, 0)
-            for a, v in zip(grads, values)]
+    return [a.at[local].add(jnp.where(enabled, v, 0)) for a, v in zip(grads, values)]
 
 
 def _send(hidden: jax.Array, out: jax.Array, row, shifts: tuple[int, ...], num_devices: int) -> jax.Array:

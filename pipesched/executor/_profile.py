@@ -1,5 +1,13 @@
 """Profiler: time F, B, W, R of every stage on the current devices and measure the bytes each
-microbatch keeps, producing a pipeline instance (durations in microseconds, memory in bytes)."""
+microbatch keeps, producing a pipeline instance (durations in microseconds, memory in bytes).
+
+Two ways to time an op. Alone (`stage_times`): the op's own jitted function. In the program
+(`program_stage_times`, the default): the op as the compiled pipeline runs it, one lock-step tick
+of a calibration program for the same placement, with the tick's slot reads and writes, the zero
+outputs of the pools it does not write, the gradient accumulation and the neighbour exchange. The
+executed form predicts a lock-step program from the latter: a tick lasts as long as its slowest
+action, and every action's duration already holds the fixed cost of a tick (the idle tick, reported
+by `program_tick_times`), which is several times an op of a few ms on a CPU."""
 
 from __future__ import annotations
 
@@ -11,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pipesched.executor._compile import AXIS, make_mesh
+from pipesched.executor._compile import AXIS, build_program, make_mesh, stack_params
 from pipesched.executor._models import ModelConfig, StagedModel, make_batch, make_model
-from pipesched.executor._plan import BRANCH
+from pipesched.executor._plan import BRANCH, IN, LOCAL, OPS, OUT, RES, STASH, Plan, branch_index, make_plan
 from pipesched.executor._stage_ops import (
     StageKind,
     full_vjp,
@@ -23,7 +31,7 @@ from pipesched.executor._stage_ops import (
     split_residuals,
     weight_grad,
 )
-from pipesched.pipeline import PipelineInstance, Stage
+from pipesched.pipeline import Action, PipelineInstance, Stage, simulate
 
 
 def nbytes(tree) -> int:
@@ -97,22 +105,81 @@ def comm_time(model: StagedModel, num_devices: int, repeats: int = 5) -> float:
     return median_time(send, jnp.zeros((num_devices, *model.hidden_shape)), repeats=repeats)
 
 
-def tick_times(program, params, batch, ticks: int = 6, repeats: int = 3) -> dict[int, float]:
+def tick_times(program, params, batch, ticks: int = 6, repeats: int = 3,
+               rows: dict[int, np.ndarray] | None = None) -> dict[int, float]:
     """Seconds of one tick of every branch the plan's table uses (idle included), measured in the
     compiled program itself: all devices run that branch in lock step, with the program's slot
-    traffic and neighbour exchanges. Runs of `ticks` and 2 * `ticks` ticks are timed and
-    subtracted, so the fixed cost of launching the program cancels out."""
+    traffic and neighbour exchanges. Runs of `ticks` and 2 * `ticks` ticks are timed in pairs and
+    the median difference is taken, so the fixed cost of launching the program cancels out.
+    `rows` (branch -> one table row) times those rows instead of the table's own."""
     table = program.plan.table
+    if rows is None:
+        rows = {b: table[tuple(np.argwhere(table[:, :, BRANCH] == b)[0])] for b in np.unique(table[:, :, BRANCH])}
     times = {}
-    for branch in np.unique(table[:, :, BRANCH]).tolist():
-        device, tick = np.argwhere(table[:, :, BRANCH] == branch)[0]
-        runs = []
-        for n in (ticks, 2 * ticks):
-            repeated = np.broadcast_to(table[device, tick], (table.shape[0], n, table.shape[2])).copy()
-            sharded = jax.device_put(repeated, program.param_sharding)
-            runs.append(median_time(program.with_table, params, batch, sharded, repeats=repeats))
-        times[branch] = max(runs[1] - runs[0], 0.0) / ticks
+    for branch, row in rows.items():
+        short, long = (jax.device_put(np.broadcast_to(row, (table.shape[0], n, table.shape[2])).copy(),
+                                      program.param_sharding) for n in (ticks, 2 * ticks))
+        jax.block_until_ready((program.with_table(params, batch, short), program.with_table(params, batch, long)))
+        extra = [_seconds(program.with_table, params, batch, long) - _seconds(program.with_table, params, batch, short)
+                 for _ in range(repeats)]  # in pairs: a change of the machine's load hits both runs of a pair
+        times[int(branch)] = max(float(np.median(extra)), 0.0) / ticks
     return times
+
+
+def _seconds(fn: Callable, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def calibration_plan(placement: Sequence[int], split_backward: bool) -> Plan:
+    """The plan of one microbatch run stage by stage: the program it compiles to has every branch
+    and exchange of the programs of this placement, with the fewest slots."""
+    num_devices = max(placement) + 1
+    stages = tuple(Stage(d, 1, 1, int(split_backward), 1, wgrad_stash=int(split_backward)) for d in placement)
+    instance = PipelineInstance(num_devices, 1, stages, split_backward=split_backward)
+    order = [[Action(s, "F", 0) for s in mine] + [Action(s, "B", 0) for s in reversed(mine)]
+             + [Action(s, "W", 0) for s in mine if split_backward] for mine in instance.stages_of_device]
+    return make_plan(simulate(instance, order).schedule)
+
+
+def calibration_rows(plan: Plan) -> dict[int, np.ndarray]:
+    """Per branch of the program (idle, and F / Fr / B / W / R of every stage kind), a table row
+    running it on the first local stage with slot 0 of every pool, keeping nothing."""
+    rows = {}
+    for c in range(len(plan.kinds)):
+        for op in OPS:
+            if op == "W" and not plan.split_backward:
+                continue
+            row = np.zeros(plan.table.shape[2], np.int32)
+            row[[BRANCH, LOCAL, IN, RES, STASH]] = branch_index(c, op), 0, 0, 0, 0
+            row[OUT:] = plan.hidden_slots  # the trash slot
+            rows[int(row[BRANCH])] = row
+    idle = np.zeros(plan.table.shape[2], np.int32)
+    idle[OUT:] = plan.hidden_slots
+    return {0: idle, **rows}
+
+
+def program_tick_times(config: ModelConfig, placement: Sequence[int], split_backward: bool, *, ticks: int = 6,
+                       repeats: int = 3, seed: int = 0) -> tuple[Plan, dict[int, float]]:
+    """Seconds of one lock-step tick of each branch (`tick_times`) in the calibration program of
+    `placement` (`calibration_plan`): the plan, and branch -> seconds (branch 0: the idle tick)."""
+    plan = calibration_plan(placement, split_backward)
+    model = make_model(config, len(placement), seed)
+    batch = make_batch(config, 1, seed)
+    program = build_program(plan, model, batch, make_mesh(plan.num_devices))
+    params = jax.device_put(stack_params(plan, model, model.params), program.param_sharding)
+    batch = jax.device_put(batch, program.replicated)
+    return plan, tick_times(program, params, batch, ticks, repeats, rows=calibration_rows(plan))
+
+
+def program_stage_times(config: ModelConfig, placement: Sequence[int], split_backward: bool, *, ticks: int = 6,
+                        repeats: int = 3) -> list[dict[str, float]]:
+    """Per stage, seconds of F, B, W, R as ticks of the compiled program (`program_tick_times`):
+    each includes the fixed cost of a tick, so the executed form's ticks last as the program's."""
+    plan, times = program_tick_times(config, placement, split_backward, ticks=ticks, repeats=repeats)
+    return [{op: times[branch_index(c, op)] if split_backward or op != "W" else 0.0 for op in ("F", "B", "W", "R")}
+            for c in plan.kind_of]
 
 
 def tick_prediction(plan, times: dict[int, float]) -> float:
@@ -122,29 +189,43 @@ def tick_prediction(plan, times: dict[int, float]) -> float:
 
 def profile_instance(config: ModelConfig, placement: Sequence[int], num_microbatches: int, *,
                      split_backward: bool = False, allow_remat: bool = False,
-                     memory_limit: float | None = None, repeats: int = 5, name: str | None = None
-                     ) -> PipelineInstance:
+                     memory_limit: float | None = None, repeats: int = 5, name: str | None = None,
+                     in_program: bool = True) -> PipelineInstance:
     """Measure the model cut into len(placement) stages and return its pipeline instance.
 
     Durations are integer microseconds (at least 1), memory integer bytes: activation = VJP
     residuals (+ the W stash when split), wgrad_stash = op inputs and output gradients kept for W,
     checkpoint = the stage input a rematerialized microbatch keeps. `memory_limit` is in bytes.
     Stages of one kind (first / middle / last) share a structure, so each kind is timed once.
+    `in_program` times the ops as ticks of the compiled program (`program_stage_times`); the
+    neighbour exchange is part of every tick there, so `comm` is 0. Otherwise each op is timed
+    alone (`stage_times`) and `comm` is one exchange of a hidden state (`comm_time`).
     """
     num_devices = max(placement) + 1
     model = make_model(config, len(placement))
-    measured: dict[tuple[bool, bool], tuple[dict[str, float], StageMemory]] = {}
+    if in_program:
+        times = program_stage_times(config, placement, split_backward, repeats=repeats)
+        comm = 0
+    else:
+        alone = {}
+        times = [_memo(alone, model.kind(s), lambda s=s: stage_times(model, s, split_backward, repeats))
+                 for s in range(len(placement))]
+        comm = max(1, round(comm_time(model, num_devices, repeats) * 1e6)) if num_devices > 1 else 0
+    memory = {}
     stages = []
     for s, device in enumerate(placement):
-        kind = model.kind(s)
-        if kind not in measured:
-            measured[kind] = (stage_times(model, s, split_backward, repeats), StageMemory(model, s, split_backward))
-        times, memory = measured[kind]
-        us = {op: max(1, round(t * 1e6)) for op, t in times.items()}
+        mem = _memo(memory, model.kind(s), lambda s=s: StageMemory(model, s, split_backward))
+        us = {op: max(1, round(t * 1e6)) for op, t in times[s].items()}
         stages.append(Stage(device=device, F=us["F"], B=us["B"], W=us["W"] if split_backward else 0,
-                            activation=memory.activation, wgrad_stash=memory.stash, R=us["R"],
-                            checkpoint=min(memory.hidden, memory.activation)))
-    comm = max(1, round(comm_time(model, num_devices, repeats) * 1e6)) if num_devices > 1 else 0
+                            activation=mem.activation, wgrad_stash=mem.stash, R=us["R"],
+                            checkpoint=min(mem.hidden, mem.activation)))
     return PipelineInstance(num_devices, num_microbatches, tuple(stages), comm=comm, memory_limit=memory_limit,
                             split_backward=split_backward, allow_remat=allow_remat,
                             name=name or f"{config.name}-P{num_devices}-S{len(placement)}-M{num_microbatches}")
+
+
+def _memo(cache: dict, key, make: Callable):
+    """cache[key], made on first use."""
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
