@@ -188,12 +188,7 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
 
     # solve: any proven objective bound is valid, optimal or not
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = seed
-    solver.solve(model)
-    relaxed = max(float(batches.multiplicity @ lows), float(solver.best_objective_bound))  # NaN: the first
+    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, time_limit, workers, seed))
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 
@@ -243,12 +238,7 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
     model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
 
     # solve: any proven objective bound is valid, optimal or not
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = seed
-    solver.solve(model)
-    relaxed = max(float(batches.multiplicity @ lows), float(solver.best_objective_bound))  # NaN: the first
+    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, time_limit, workers, seed))
     return relaxed / int(batches.multiplicity.sum())
 
 
@@ -272,3 +262,15 @@ def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, 
                 model.add_hint(q[e, d], int(scaled[e, d]))
     for u, var in enumerate(M):
         model.add_hint(var, int((counts[u] @ scaled).max()))
+
+
+def _proven_bound(model: cp_model.CpModel, time_limit: float, workers: int, seed: int) -> float:
+    """CP-SAT's proven objective bound of `model` after at most `time_limit` seconds. It may be NaN
+    when the search stopped before any bound: callers write max(own_bound, this), own bound first,
+    since max(x, nan) is x."""
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    solver.solve(model)
+    return float(solver.best_objective_bound)
