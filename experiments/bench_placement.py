@@ -10,16 +10,23 @@ C = E/G (no spare slot) or E/G + 1 (G spare slots), plus every recorded router t
 experiments/results/traces/*_layer*.json (skipped when absent). For each batch size b (0 = the
 whole trace) and solver: cost, proven lower bound, status, solve time. CP-SAT runs for E <= 64.
 
-Writes experiments/results/bench_placement.json (one row per trace, b, solver; rows already there
-are skipped, so an interrupted run resumes) and bench_placement.md (tables, the acceptance checks).
+Writes experiments/results/bench_placement.json (one row per trace, b, solver) and
+bench_placement.md (tables, the acceptance checks). A row is reused, so an interrupted run
+resumes, only when its key matches: the digest of the instance (trace, E, G, C, b), the solver,
+its time limit and the digest of the placement solver sources; rows computed by other code are
+dropped, as are rows of a trace that now has other contents. Before writing the report the rows
+are checked against each other: no cost below another row's proven lower bound for the same
+instance, and "optimal" only at the smallest cost (raises otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import statistics
+import sys
 from pathlib import Path
 
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement
@@ -27,9 +34,28 @@ from tqdm.auto import tqdm
 
 from pipesched.placement import PlacementInstance, synthetic_traces
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
 TRACES = RESULTS / "traces"
 CPSAT_MAX_EXPERTS = 64
+TOLERANCE = 1e-6  # relative, for comparing costs and bounds across rows
+# the code a row's numbers come from: the placement solvers and the 3.2 cost they are scored with
+SOLVER_SOURCES = (*sorted((ROOT / "solvers").glob("_placement_*.py")), ROOT / "solvers" / "placement.py",
+                  ROOT / "pipesched" / "placement" / "_model.py")
+
+
+def solver_digest() -> str:
+    """sha1 of the placement solver sources (`SOLVER_SOURCES`)."""
+    digest = hashlib.sha1()
+    for path in SOLVER_SOURCES:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def instance_digest(instance: PlacementInstance, b: int) -> str:
+    """sha1 of what the cost depends on: trace, E, G, C and the batch size b (0 = whole trace)."""
+    key = [instance.num_experts, instance.num_devices, instance.slots_per_device, b, instance.trace]
+    return hashlib.sha1(json.dumps(key).encode()).hexdigest()
 
 
 def synthetic(E: int, G: int, k: int, spare: int, tokens: int, seed: int) -> PlacementInstance:
@@ -44,12 +70,18 @@ def recorded() -> list[PlacementInstance]:
     return [PlacementInstance.load(path) for path in sorted(TRACES.glob("*_layer*.json"))]
 
 
-def row(instance: PlacementInstance, source: str, b: int, solver: str, limits: dict[str, float]) -> dict:
+def row_key(r: dict) -> tuple:
+    """What a row was computed from (see the module docstring)."""
+    return r["instance_digest"], r["solver"], r["time_limit_s"], r["solver_digest"]
+
+
+def row(instance: PlacementInstance, source: str, b: int, solver: str, time_limit: float, code: str) -> dict:
     sized = instance.with_batch_size(b or len(instance.trace))
-    result = solve_placement(sized, solver, time_limit=limits.get(solver, limits["search"]))
+    result = solve_placement(sized, solver, time_limit=time_limit)
     lb = result.lower_bound
     return {
-        "trace": instance.name, "source": source, "E": instance.num_experts, "G": instance.num_devices,
+        "trace": instance.name, "instance_digest": instance_digest(instance, b), "solver_digest": code,
+        "time_limit_s": time_limit, "source": source, "E": instance.num_experts, "G": instance.num_devices,
         "C": instance.slots_per_device, "spare": instance.num_slots - instance.num_experts,
         "k": max(map(len, instance.trace)), "tokens": len(instance.trace), "b": b, "solver": solver,
         "cost": result.objective, "lower_bound": lb, "status": result.status,
@@ -58,6 +90,7 @@ def row(instance: PlacementInstance, source: str, b: int, solver: str, limits: d
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="E in {8,16}, G = 4, k in {1,2}, short limits")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64, 128])
@@ -80,19 +113,56 @@ def main(argv: list[str] | None = None) -> None:
              for E, G, k, spare in itertools.product(args.experts, args.devices, args.top_k, args.spare)
              if k <= E]
     cases += [(instance, "recorded") for instance in recorded()]
-    rows = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["trace"], r["b"], r["solver"]) for r in rows}
-    limits = {"cpsat": args.cpsat_limit, "search": args.search_limit}
-    todo = [(instance, source, b, solver)
-            for (instance, source), b, solver in itertools.product(cases, args.batch_sizes, args.solvers)
-            if (instance.name, b, solver) not in done
-            and not (solver == "cpsat" and instance.num_experts > CPSAT_MAX_EXPERTS)]
+    code = solver_digest()
+    wanted = [(instance, source, b, solver, args.cpsat_limit if solver == "cpsat" else args.search_limit)
+              for (instance, source), b, solver in itertools.product(cases, args.batch_sizes, args.solvers)
+              if not (solver == "cpsat" and instance.num_experts > CPSAT_MAX_EXPERTS)]
+    rows = fresh_rows(json.loads(args.out.read_text()) if args.out.exists() else [], cases, args.batch_sizes, code)
+    done = {row_key(r) for r in rows}
+    todo = [case for case in wanted
+            if (instance_digest(case[0], case[2]), case[3], case[4], code) not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for instance, source, b, solver in tqdm(todo, desc="bench placement"):
-        rows.append(row(instance, source, b, solver, limits))
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    for instance, source, b, solver, time_limit in tqdm(todo, desc="bench placement"):
+        new = row(instance, source, b, solver, time_limit, code)  # replaces a row with another time limit
+        rows = [r for r in rows if (r["instance_digest"], r["solver"]) != (new["instance_digest"], solver)] + [new]
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report(rows))
+    check_consistency(rows)
+    args.out.with_suffix(".md").write_text(report(rows, " ".join(["python experiments/bench_placement.py", *argv])))
     print(f"wrote {len(rows)} rows to {args.out} and {args.out.with_suffix('.md')}")
+
+
+def fresh_rows(rows: list[dict], cases: list[tuple[PlacementInstance, str]], batch_sizes: list[int],
+               code: str) -> list[dict]:
+    """The rows computed by the current solver code, less those of a benchmarked trace name whose
+    instance has changed (other traces' rows are kept: an earlier run may have had other arguments)."""
+    current = {(instance.name, b): instance_digest(instance, b) for instance, _ in cases for b in batch_sizes}
+    return [r for r in rows if r.get("solver_digest") == code
+            and current.get((r["trace"], r["b"]), r["instance_digest"]) == r["instance_digest"]]
+
+
+def check_consistency(rows: list[dict]) -> None:
+    """Raise if two rows of one instance contradict each other: a cost below a proven lower bound,
+    or an "optimal" cost above another row's cost. Either means a wrong bound or a wrong claim."""
+    by_instance: dict[str, list[dict]] = {}
+    for r in rows:
+        by_instance.setdefault(r["instance_digest"], []).append(r)
+    problems = []
+    for group in by_instance.values():
+        cheapest = min(group, key=lambda r: r["cost"])
+        strongest = max(group, key=lambda r: r["lower_bound"] or 0.0)
+        if cheapest["cost"] < (strongest["lower_bound"] or 0.0) * (1 - TOLERANCE):
+            problems.append(f"{_name(cheapest)} costs {cheapest['cost']:.6g} < {_name(strongest)}'s lower bound "
+                            f"{strongest['lower_bound']:.6g}")
+        problems += [f"{_name(r)} claims optimal at {r['cost']:.6g} > {_name(cheapest)}'s {cheapest['cost']:.6g}"
+                     for r in group if r["status"] == "optimal" and r["cost"] > cheapest["cost"] * (1 + TOLERANCE)]
+    if problems:
+        raise RuntimeError("inconsistent benchmark rows (a solver's bound or optimality claim is wrong; fix it, "
+                           "then rerun):\n  " + "\n  ".join(problems))
+
+
+def _name(r: dict) -> str:
+    return f"{r['trace']} b={r['b'] or 'whole'} {r['solver']}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,8 +219,11 @@ def _best_bounds(rows: list[dict]) -> dict[tuple[str, int], float]:
     return best
 
 
-def report(rows: list[dict]) -> str:
+def report(rows: list[dict], command: str) -> str:
+    limits = ", ".join(sorted({f"{r['solver']} {r['time_limit_s']:g} s" for r in rows}))
+    code = rows[0]["solver_digest"][:12] if rows else "-"
     lines = ["# Expert placement benchmark", "",
+             f"`{command}` (placement solver sources sha1 {code}; time limits: {limits}).", "",
              ("Cost = formats.md 3.2 (mean over batches of the most loaded device). `bound` = the best proven "
               "lower bound any solver reported for the instance."), ""]
     solvers = [s for s in PLACEMENT_SOLVERS if any(r["solver"] == s for r in rows)]

@@ -21,9 +21,10 @@ each b_i is computed once, in order. The recursion then covers every schedule in
 holds its left checkpoint until the segment's last backward step (Rotor's and Revolve's
 "persistent" checkpoints), including dropping and recomputing the value at its right end (mode 0).
 The graph model also allows releasing a checkpoint early and recomputing it later from further
-left, which is sometimes cheaper (tests/test_remat_solvers.py keeps a 5-layer example where CP-SAT
-finds 27 and the DP 31). So the DP's schedule is reported "feasible", never "optimal" by itself:
-proofs come from CP-SAT.
+left, which is sometimes cheaper (tests/test_remat_solvers.py keeps a 5-layer example: 27 against
+the DP's 31). So `solve_remat` uses this DP only for chains too long for the exact DP over
+resident sets (`_remat_chain_exact`), and reports its schedule "feasible", never "optimal" by
+itself.
 
 Revolve (Griewank & Walther 2000) in this model: reversing l steps x_0 -> x_l with s snapshots is
 the chain of l + 1 unit layers (f_i = x_i, f_0 computes the input x_0), unit output and gradient

@@ -3,8 +3,10 @@
 Solvers (CLI names in `REMAT_SOLVERS`):
 * ``cpsat``: exact CP-SAT on any graph (`_remat_cpsat`), warm-started from ``greedy``; returns the
   best schedule found and CP-SAT's proven bound (anytime).
-* ``chain-dp``: the Rotor chain DP (`_remat_chain_dp`), optimal over persistent-checkpoint
-  schedules; only for chain graphs.
+* ``chain-dp``: only for chain graphs. Up to `EXACT_CHAIN_LAYERS` layers the exact DP over
+  resident sets (`_remat_chain_exact`: optimal, or a proof of infeasibility); longer chains get
+  the Rotor DP (`_remat_chain_dp`), optimal over persistent-checkpoint schedules only, so its
+  schedule is "feasible" with the no-remat bound.
 * ``checkpoint-all``, ``sqrt-n``, ``chen-greedy``: the baselines (`_remat_heuristics`).
 * ``greedy``: the cheapest schedule of all heuristics: the baselines, the budget-aware eviction
   greedy on two orders, and the chain DP on chains.
@@ -28,6 +30,7 @@ from pipesched.solvers._remat_chain_dp import (
     chain_tables,
     discretise,
 )
+from pipesched.solvers._remat_chain_exact import EXACT_CHAIN_LAYERS, exact_chain
 from pipesched.solvers._remat_cpsat import solve_cpsat
 from pipesched.solvers._remat_steps import Step, computes_of, steps_from_computes
 from pipesched.solvers._result import Result
@@ -141,6 +144,11 @@ def _chain_dp(instance: RematInstance, started: float) -> Result:
     if layout is None:
         raise FormatError(f"{instance.name}: chain-dp needs a chain graph (pipesched.remat.chain_instance); "
                           "use --solver cpsat for other graphs")
+    if layout.chain.length <= EXACT_CHAIN_LAYERS:
+        exact = exact_chain(layout, instance.budget)
+        if exact.cost is None:
+            return _finish(instance, [], instance.total_cost, "infeasible", "chain-dp", started)
+        return _proven(instance, steps_from_computes(instance, exact.computes), exact.cost, "chain-dp", started)
     computes = _chain_dp_computes(instance, layout)
     if computes is None:
         return _finish(instance, [], instance.total_cost, "unknown", "chain-dp", started)
