@@ -39,6 +39,7 @@ RESULTS = ROOT / "experiments" / "results"
 TRACES = RESULTS / "traces"
 CPSAT_MAX_EXPERTS = 64
 TOLERANCE = 1e-6  # relative, for comparing costs and bounds across rows
+GAP_TARGET = 0.05  # the issue: CP-SAT proves a gap <= 5% for E <= 64, G <= 8 within 60 s
 # the code a row's numbers come from: the placement solvers and the 3.2 cost they are scored with
 SOLVER_SOURCES = (*sorted((ROOT / "solvers").glob("_placement_*.py")), ROOT / "solvers" / "placement.py",
                   ROOT / "pipesched" / "placement" / "_model.py")
@@ -75,14 +76,15 @@ def row_key(r: dict) -> tuple:
     return r["instance_digest"], r["solver"], r["time_limit_s"], r["solver_digest"]
 
 
-def row(instance: PlacementInstance, source: str, b: int, solver: str, time_limit: float, code: str) -> dict:
+def row(instance: PlacementInstance, source: str, b: int, solver: str, time_limit: float, code: str,
+        command: str) -> dict:
     sized = instance.with_batch_size(b or len(instance.trace))
     result = solve_placement(sized, solver, time_limit=time_limit)
     lb = result.lower_bound
     return {
         "trace": instance.name, "instance_digest": instance_digest(instance, b), "solver_digest": code,
-        "time_limit_s": time_limit, "source": source, "E": instance.num_experts, "G": instance.num_devices,
-        "C": instance.slots_per_device, "spare": instance.num_slots - instance.num_experts,
+        "time_limit_s": time_limit, "command": command, "source": source, "E": instance.num_experts,
+        "G": instance.num_devices, "C": instance.slots_per_device, "spare": instance.num_slots - instance.num_experts,
         "k": max(map(len, instance.trace)), "tokens": len(instance.trace), "b": b, "solver": solver,
         "cost": result.objective, "lower_bound": lb, "status": result.status,
         "gap": (result.objective - lb) / lb if lb else None, "solve_time_s": result.solve_time,
@@ -91,6 +93,7 @@ def row(instance: PlacementInstance, source: str, b: int, solver: str, time_limi
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python experiments/bench_placement.py", *argv])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="E in {8,16}, G = 4, k in {1,2}, short limits")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 64, 128])
@@ -124,11 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     for instance, source, b, solver, time_limit in tqdm(todo, desc="bench placement"):
-        new = row(instance, source, b, solver, time_limit, code)  # replaces a row with another time limit
+        new = row(instance, source, b, solver, time_limit, code, command)  # replaces one with another limit
         rows = [r for r in rows if (r["instance_digest"], r["solver"]) != (new["instance_digest"], solver)] + [new]
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     check_consistency(rows)
-    args.out.with_suffix(".md").write_text(report(rows, " ".join(["python experiments/bench_placement.py", *argv])))
+    args.out.with_suffix(".md").write_text(report(rows))
     print(f"wrote {len(rows)} rows to {args.out} and {args.out.with_suffix('.md')}")
 
 
@@ -202,11 +205,12 @@ def acceptance(rows: list[dict]) -> list[str]:
         if eplb and ours:
             lines.append(f"| {trace} | {eplb['cost']:.4f} | {ours['cost']:.4f} | "
                          f"{'yes' if ours['cost'] <= eplb['cost'] * (1 + 1e-9) else 'NO'} |")
-    lines += ["", "CP-SAT gap (cost - bound) / bound, E <= 64, G <= 8:", "",
-              "| trace | b | cost | bound | gap | status | time (s) |", "|---|---|---|---|---|---|---|"]
+    lines += ["", f"CP-SAT gap (cost - bound) / bound, E <= 64, G <= 8 (acceptance: <= {GAP_TARGET:.0%}):", "",
+              "| trace | b | cost | bound | gap | status | time (s) | met |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if r["solver"] == "cpsat"), key=lambda r: (r["trace"], r["b"])):
         lines.append(f"| {r['trace']} | {r['b'] or 'whole'} | {r['cost']:.4f} | {r['lower_bound']:.4f} | "
-                     f"{100 * r['gap']:.2f}% | {r['status']} | {r['solve_time_s']:.1f} |")
+                     f"{100 * r['gap']:.2f}% | {r['status']} | {r['solve_time_s']:.1f} | "
+                     f"{'yes' if r['gap'] <= GAP_TARGET else 'NO'} |")
     return lines
 
 
@@ -219,11 +223,12 @@ def _best_bounds(rows: list[dict]) -> dict[tuple[str, int], float]:
     return best
 
 
-def report(rows: list[dict], command: str) -> str:
+def report(rows: list[dict]) -> str:
     limits = ", ".join(sorted({f"{r['solver']} {r['time_limit_s']:g} s" for r in rows}))
     code = rows[0]["solver_digest"][:12] if rows else "-"
     lines = ["# Expert placement benchmark", "",
-             f"`{command}` (placement solver sources sha1 {code}; time limits: {limits}).", "",
+             f"Placement solver sources sha1 {code}; time limits: {limits}. The rows come from:", "",
+             *(f"    {command}" for command in dict.fromkeys(r["command"] for r in rows)), "",
              ("Cost = formats.md 3.2 (mean over batches of the most loaded device). `bound` = the best proven "
               "lower bound any solver reported for the instance."), ""]
     solvers = [s for s in PLACEMENT_SOLVERS if any(r["solver"] == s for r in rows)]

@@ -122,7 +122,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.devices < 1:
         raise FormatError(f"--devices: must be >= 1, got {args.devices}")
-    jax.config.update("jax_num_cpu_devices", args.devices)  # CPU only; before the backend starts
+    if args.data_parallel < 1:
+        raise FormatError(f"--data-parallel: must be >= 1, got {args.data_parallel}")
+    jax.config.update("jax_num_cpu_devices", args.devices * args.data_parallel)  # CPU only; before the backend starts
     from pipesched import executor
     from pipesched._common import write_json
     from pipesched.solvers import solve_pipeline
@@ -155,7 +157,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"solved {timing.name} with {args.solver}: makespan {result.objective:g} us, "
               f"lower bound {result.lower_bound:g} us, {result.status}")
     report = executor.run(schedule, model=config, steps=args.steps, timing=timing, schedule_name=name,
-                          progress=True)
+                          data_parallel=args.data_parallel, progress=True)
     write_json(report, args.report)
     times = sorted(report["step_time_s"])
     median = times[len(times) // 2] if times else float("nan")
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline schedule with the JAX executor; write a run report")
     p.add_argument("--model", choices=["gpt-tiny", "mlp"], default="gpt-tiny")
     p.add_argument("--devices", type=int, required=True, help="pipeline devices P (P host devices on CPU)")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="D copies of the pipeline on shards of the data (D x P devices)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--schedule", help="a pipeline schedule file for P devices")
     source.add_argument("--solver", help="profile the model, solve with this solver, run the result")

@@ -142,12 +142,33 @@ def test_profile_in_program_times_every_op_as_a_tick():
     assert all(st.activation > 0 and st.wgrad_stash > 0 for st in instance.stages)
 
 
-def test_run_report_has_the_format_keys():
-    report = run(_zoo("1f1b", 2, 2), model=MLP, steps=2, warmup=1)
+@pytest.mark.parametrize("data_parallel", [1, 2])
+def test_run_report_has_the_format_keys(data_parallel):
+    report = run(_zoo("1f1b", 2, 2), model=MLP, steps=2, warmup=1, data_parallel=data_parallel)
     for key in ("schedule", "backend", "devices", "mesh", "steps", "loss", "reference_loss", "max_abs_grad_error",
                 "step_time_s", "predicted_step_time_s", "peak_memory_bytes", "predicted_peak_memory_bytes"):
         assert key in report
-    assert report["mesh"] == {"pipe": 2} and len(report["step_time_s"]) == 2
+    assert report["mesh"] == {"data": data_parallel, "pipe": 2} and len(report["step_time_s"]) == 2
+    assert report["devices"] == len(report["peak_memory_bytes"]) == len(report["predicted_peak_memory_bytes"]) \
+        == 2 * data_parallel
     assert report["max_abs_grad_error"] <= TOL
     assert report["predicted_executed_step_time_s"] >= report["predicted_step_time_s"] - 1e-12
     assert jax.default_backend() == report["backend"]
+
+
+@pytest.mark.parametrize("name, P, D", [("1f1b", 2, 2), ("zb-h1", 4, 2), ("1f1b", 2, 4)])
+def test_data_parallel_copies_equal_the_whole_batch_reference(name, P, D):
+    split = name == "zb-h1"
+    schedule = _zoo(name, P, 4, W=4 if split else 0, split_backward=split, wgrad_stash=1 if split else 0)
+    pipeline = compile_pipeline(schedule, MLP, data_parallel=D)
+    assert dict(pipeline.program.mesh.shape) == {"data": D, "pipe": P}
+    assert pipeline.batch.inputs.shape[1] == D * MLP.microbatch
+    loss, ref_loss, error = gradient_error(pipeline)
+    assert abs(loss - ref_loss) <= TOL and error <= TOL
+    single = compile_pipeline(schedule, MLP)  # one copy on D times less data: another loss
+    assert abs(gradient_error(single)[0] - loss) > 1e-4
+
+
+def test_data_parallel_needs_enough_devices():
+    with pytest.raises(ValueError, match=r"need 16 devices \(2 x 8\)"):
+        compile_pipeline(_zoo("1f1b", 8, 8), MLP, data_parallel=2)

@@ -1,8 +1,11 @@
 """Placement solvers: bounds <= CP-SAT == brute force <= heuristics; EPLB's README example;
 migration; synthetic traces."""
 
+import dataclasses
+import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +155,31 @@ def test_relaxation_bounds_prove_batch_size_one_optima(devices, slots, top_k):
     assert exact.status == "optimal"
     assert approx_eq(validate_placement(exact.schedule), exact.objective)
     assert exact.lower_bound > max(1.0, top_k / devices) if slots == 2 else exact.lower_bound > top_k / devices
+
+
+def load_bench():
+    """experiments/bench_placement.py as a module (it is a script, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_placement.py"
+    spec = importlib.util.spec_from_file_location("bench_placement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_drops_stale_rows_and_rejects_contradictions():
+    bench = load_bench()
+    (instance,) = synthetic_traces(8, 4, 2, 2, 64, exponents=(1.0,), seed=0)
+    code = bench.solver_digest()
+    rows = [bench.row(instance, "synthetic", 1, solver, 0.5, code, "test") for solver in ("eplb", "local-search")]
+    bench.check_consistency(rows)  # two honest rows agree
+    other_trace = dataclasses.replace(instance, trace=instance.trace[1:])
+    assert bench.instance_digest(other_trace, 1) != rows[0]["instance_digest"]
+    stale = [dict(rows[0], solver_digest="old code"), *rows[1:]]
+    assert bench.fresh_rows(stale, [(instance, "synthetic")], [1], code) == rows[1:]
+    assert bench.fresh_rows(rows, [(other_trace, "synthetic")], [1], code) == []
+    wrong_bound = dict(rows[1], lower_bound=rows[0]["cost"] + 0.5)
+    with pytest.raises(RuntimeError, match="lower bound"):
+        bench.check_consistency([rows[0], wrong_bound])
+    wrong_claim = dict(rows[0], status="optimal", cost=rows[1]["cost"] + 0.5)
+    with pytest.raises(RuntimeError, match="claims optimal"):
+        bench.check_consistency([wrong_claim, rows[1]])

@@ -1,4 +1,8 @@
-"""Compile a plan into ONE jitted SPMD program over a mesh with a `pipe` axis (jax.shard_map).
+"""Compile a plan into ONE jitted SPMD program over a (`data`, `pipe`) mesh (jax.shard_map).
+
+Along `pipe` the devices run the schedule; along `data` whole copies of the pipeline run on
+disjoint shards of every microbatch (data parallelism on top), and the loss and gradients are
+averaged over `data` at the end (a mean of equal-size shard means is the whole batch's mean).
 
 Each device scans over the ticks of its row of the action table; a tick runs one `lax.switch`
 branch (idle, or F / Fr / B / W / R of a stage kind) and then moves the tick's output to the
@@ -43,6 +47,7 @@ from pipesched.executor._stage_ops import (
 )
 
 AXIS = "pipe"
+DATA = "data"
 Leaves = list  # the leaves of a pytree, in jax.tree.leaves order
 
 
@@ -109,12 +114,16 @@ class Emit(NamedTuple):
     grads: tuple[Leaves, ...]
 
 
-def make_mesh(num_devices: int, devices=None) -> Mesh:
-    devices = jax.devices()[:num_devices] if devices is None else devices
-    if len(devices) < num_devices:
-        raise ValueError(f"need {num_devices} devices, JAX sees {len(jax.devices())}: on CPU set "
-                         f"jax.config.update('jax_num_cpu_devices', {num_devices}) before using JAX")
-    return Mesh(np.asarray(devices[:num_devices]), (AXIS,))
+def make_mesh(num_devices: int, devices=None, data_parallel: int = 1) -> Mesh:
+    """A `data_parallel` x `num_devices` mesh (`data`, `pipe`) of the first devices of `devices`."""
+    if data_parallel < 1:
+        raise ValueError(f"data_parallel must be >= 1, got {data_parallel}")
+    total = num_devices * data_parallel
+    devices = jax.devices() if devices is None else devices
+    if len(devices) < total:
+        raise ValueError(f"need {total} devices ({data_parallel} x {num_devices}), {len(devices)} available: on CPU "
+                         f"set jax.config.update('jax_num_cpu_devices', {total}) before using JAX")
+    return Mesh(np.asarray(devices[:total]).reshape(data_parallel, num_devices), (DATA, AXIS))
 
 
 def stack_params(plan: Plan, model: StagedModel, params: tuple[nnx.State, ...]) -> tuple[nnx.State, ...]:
@@ -148,7 +157,7 @@ class PipelineProgram(NamedTuple):
     mesh: Mesh
     grads: Callable
     param_sharding: NamedSharding
-    replicated: NamedSharding
+    batch_sharding: NamedSharding
     with_table: Callable
 
 
@@ -203,10 +212,12 @@ def _residual_layouts(plan: Plan, model: StagedModel, kinds: list[StageKind], ba
 
 
 def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mesh) -> PipelineProgram:
-    """Build the SPMD program of `plan` for `model` (stages of a kind share one structure)."""
+    """Build the SPMD program of `plan` for `model` (stages of a kind share one structure) over
+    `mesh` (`make_mesh`); `batch_shapes` is the whole batch, each microbatch cut into
+    mesh.shape["data"] shards of the model's microbatch size."""
     kinds = [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
     split = plan.split_backward
-    residuals = _residual_layouts(plan, model, kinds, batch_shapes)
+    residuals = _residual_layouts(plan, model, kinds, _shard_shapes(batch_shapes, mesh.shape[DATA]))
     layout = _layout(plan, model, kinds, residuals)
     param_trees = [jax.tree.structure(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))]
 
@@ -248,11 +259,12 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
             return carry, None
 
         carry, _ = lax.scan(tick, carry, table[0])
-        grads = tuple(jax.tree.unflatten(tree, [a[None] for a in g]) for tree, g in zip(param_trees, carry.grads))
-        return lax.psum(carry.loss, AXIS), grads
+        grads = tuple(jax.tree.unflatten(tree, [lax.pmean(a, DATA)[None] for a in g])
+                      for tree, g in zip(param_trees, carry.grads))
+        return lax.pmean(lax.psum(carry.loss, AXIS), DATA), grads
 
-    sharded, replicated = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
-    program = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS), P(), P()),
+    shards = P(None, DATA)  # [microbatch, sample, ...]: each replica its samples of every microbatch
+    program = jax.shard_map(per_device, mesh=mesh, in_specs=(P(AXIS), P(AXIS), shards, shards),
                             out_specs=(P(), P(AXIS)), check_vma=False)
 
     @jax.jit
@@ -263,7 +275,16 @@ def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mes
     def with_table(params, batch: Batch, table):
         return program(params, table, batch.inputs, batch.targets)
 
-    return PipelineProgram(plan, mesh, grads, sharded, replicated, with_table)
+    return PipelineProgram(plan, mesh, grads, NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, shards), with_table)
+
+
+def _shard_shapes(batch: Batch, data_parallel: int) -> Batch:
+    """The shapes of one `data` replica's part of `batch`."""
+    def shard(a):
+        if a.shape[1] % data_parallel:
+            raise ValueError(f"a microbatch of {a.shape[1]} samples does not split into {data_parallel} data shards")
+        return jax.ShapeDtypeStruct((a.shape[0], a.shape[1] // data_parallel, *a.shape[2:]), a.dtype)
+    return Batch(shard(batch.inputs), shard(batch.targets))
 
 
 def _reading(run: Callable) -> Callable:

@@ -226,13 +226,17 @@ def stage_apply(model: StagedModel, stage: int, params: nnx.State, h: jax.Array,
 
 
 def reference_loss(model: StagedModel, params: tuple[nnx.State, ...], batch: Batch) -> jax.Array:
-    """Unpipelined loss: the mean over microbatches of the whole chain of stages."""
+    """Unpipelined loss: the mean over microbatches of the whole chain of stages. A microbatch of
+    D times the model's microbatch size (data parallelism) counts as D microbatches."""
     def one(x, y):
         h = jnp.zeros(model.hidden_shape)
         for s in range(model.num_stages):
             h = stage_apply(model, s, params[s], h, x, y)
         return h
-    return jax.lax.map(lambda xy: one(*xy), (batch.inputs, batch.targets)).mean()
+    size = model.config.microbatch
+    def pieces(a):
+        return a.reshape(-1, size, *a.shape[2:])
+    return jax.lax.map(lambda xy: one(*xy), (pieces(batch.inputs), pieces(batch.targets))).mean()
 
 
 def reference_grads(model: StagedModel, params: tuple[nnx.State, ...], batch: Batch

@@ -169,7 +169,7 @@ def program_tick_times(config: ModelConfig, placement: Sequence[int], split_back
     batch = make_batch(config, 1, seed)
     program = build_program(plan, model, batch, make_mesh(plan.num_devices))
     params = jax.device_put(stack_params(plan, model, model.params), program.param_sharding)
-    batch = jax.device_put(batch, program.replicated)
+    batch = jax.device_put(batch, program.batch_sharding)
     return plan, tick_times(program, params, batch, ticks, repeats, rows=calibration_rows(plan))
 
 

@@ -41,16 +41,18 @@ class Pipeline(NamedTuple):
 
 
 def compile_pipeline(schedule: PipelineSchedule, model: str | ModelConfig = "gpt-tiny", *, seed: int = 0,
-                     devices: Sequence[jax.Device] | None = None) -> Pipeline:
+                     devices: Sequence[jax.Device] | None = None, data_parallel: int = 1) -> Pipeline:
     """Validate `schedule` (ValidationError if invalid) and compile it for `model` on a mesh of
-    the schedule's P devices (the first P of `devices`, default jax.devices())."""
+    `data_parallel` copies of the schedule's P devices (the first of `devices`, default
+    jax.devices()); each copy gets its own `model.microbatch` samples of every microbatch."""
     config = ModelConfig(name=model) if isinstance(model, str) else model
     plan = make_plan(schedule)
     staged = make_model(config, schedule.instance.num_stages, seed)
-    batch = make_batch(config, schedule.instance.num_microbatches, seed)
-    program = build_program(plan, staged, batch, make_mesh(plan.num_devices, devices))
+    whole = dataclasses.replace(config, microbatch=config.microbatch * data_parallel)
+    batch = make_batch(whole, schedule.instance.num_microbatches, seed)
+    program = build_program(plan, staged, batch, make_mesh(plan.num_devices, devices, data_parallel))
     params = jax.device_put(stack_params(plan, staged, staged.params), program.param_sharding)
-    return Pipeline(schedule, program, staged, jax.device_put(batch, program.replicated), params)
+    return Pipeline(schedule, program, staged, jax.device_put(batch, program.batch_sharding), params)
 
 
 def gradient_error(pipeline: Pipeline) -> tuple[float, float, float]:
@@ -131,16 +133,18 @@ def predicted_times(schedule: PipelineSchedule, timing: PipelineInstance | None)
 
 def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", steps: int = 10, warmup: int = 2,
         timing: PipelineInstance | None = None, time_unit_s: float = 1e-6, learning_rate: float = 1e-3,
-        seed: int = 0, devices: Sequence[jax.Device] | None = None, schedule_name: str | None = None,
-        progress: bool = False) -> dict[str, Any]:
+        seed: int = 0, devices: Sequence[jax.Device] | None = None, data_parallel: int = 1,
+        schedule_name: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Compile and run `schedule`, returning a formats.md section 4 run report (a dict).
 
     The first step's loss and gradients are compared with the single-device reference; then
     `warmup` + `steps` Adam steps run and the last `steps` are timed. `timing` (e.g. from
     profile_instance, durations in units of `time_unit_s`) gives the predicted times; without it
-    the schedule's own durations are used with the same unit.
+    the schedule's own durations are used with the same unit. `data_parallel` runs that many
+    copies of the pipeline on shards of the data (`compile_pipeline`); the predictions are those
+    of one copy.
     """
-    pipeline = compile_pipeline(schedule, model, seed=seed, devices=devices)
+    pipeline = compile_pipeline(schedule, model, seed=seed, devices=devices, data_parallel=data_parallel)
     loss, ref_loss, error = gradient_error(pipeline)
     optimizer = optax.adam(learning_rate)
     step = train_step_fn(pipeline, optimizer)
@@ -160,7 +164,7 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
         "format": REPORT_FORMAT,
         "schedule": schedule_name or schedule.solver,
         "backend": jax.default_backend(),
-        "devices": plan.num_devices,
+        "devices": plan.num_devices * data_parallel,
         "mesh": dict(pipeline.program.mesh.shape),
         "steps": steps,
         "loss": loss,
@@ -170,8 +174,8 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
         "predicted_step_time_s": makespan * time_unit_s,
         "predicted_executed_step_time_s": executed * time_unit_s,
         "executed_overhead": executed / makespan - 1 if makespan else 0.0,
-        "peak_memory_bytes": [memory] * plan.num_devices,
-        "predicted_peak_memory_bytes": list(predicted_memory),
+        "peak_memory_bytes": [memory] * (plan.num_devices * data_parallel),
+        "predicted_peak_memory_bytes": list(predicted_memory) * data_parallel,  # mesh order: data-major
         "activation_slots": list(plan.residual_slots),
         "ticks": plan.ticks,
         "train_losses": losses,
