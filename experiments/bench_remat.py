@@ -9,7 +9,10 @@ chains) and every solver: cost / no-remat cost, proven lower bound / no-remat co
 time. CP-SAT gets --cpsat-limit seconds (random_layered_n100_b90: --rl100-limit, the issue's
 acceptance), 2 workers. Then the chain DP on random heterogeneous-cost chains of 10, 100 and 1000
 layers (unit sizes, budget 12 = the working set 4 + 8 values): median wall and CPU time of 3 runs
-(CPU time is what the DP needs; wall time also counts the other jobs sharing the cores).
+(CPU time is what the DP needs; wall time also counts the other jobs sharing the cores). Last,
+`chain-dp` against CP-SAT (--cpsat-limit) and against the Rotor recursion alone on seeded random
+heterogeneous chains of 2-8 layers (integer costs 0-5, sizes 1-4, gradients 0-3, budget drawn
+between the smallest possible peak and the reference peak).
 
 Writes experiments/results/bench_remat.json (rows already there are skipped, so an interrupted run
 resumes) and bench_remat.md.
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 from pipesched.solvers import REMAT_SOLVERS, solve_remat
+from pipesched.solvers._remat_bounds import smallest_peak
+from pipesched.solvers._remat_chain_dp import chain_tables
 from tqdm.auto import tqdm
 
 from pipesched.remat import Chain, RematInstance, chain_instance, chain_layout
@@ -73,6 +78,28 @@ def chain_row(layers: int, repeats: int) -> dict:
             "median_cpu_s": statistics.median(cpu_times)}
 
 
+def small_chain(seed: int) -> RematInstance:
+    rng = random.Random(seed)
+    layers = rng.randint(2, 8)
+    def numbers(lo, hi):
+        return tuple(rng.randint(lo, hi) for _ in range(layers))
+    chain = Chain(numbers(0, 5), numbers(0, 5), numbers(1, 4), numbers(0, 3))
+    instance = chain_instance(chain, 0, name=f"chain_small_s{seed}")
+    return instance.with_budget(rng.randint(int(smallest_peak(instance)), int(instance.reference_peak)))
+
+
+def chain_vs_cpsat_row(seed: int, limit: float) -> dict:
+    instance = small_chain(seed)
+    chain = chain_layout(instance).chain
+    dp, exact = solve_remat(instance, "chain-dp"), solve_remat(instance, "cpsat", time_limit=limit)
+    rotor = chain_tables(chain.forward_cost, chain.backward_cost, chain.output_size, chain.gradient_size,
+                         int(instance.budget)).optimum
+    return {"kind": "chain-vs-cpsat", "instance": instance.name, "layers": chain.length, "budget": instance.budget,
+            "dp_status": dp.status, "dp_cost": dp.objective, "dp_time_s": dp.solve_time,
+            "cpsat_status": exact.status, "cpsat_cost": exact.objective, "cpsat_bound": exact.lower_bound,
+            "cpsat_time_s": exact.solve_time, "rotor_cost": None if rotor == float("inf") else rotor}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CP-SAT 5 s, chains of 10 and 100 layers, 1 run")
@@ -81,12 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rl100-limit", type=float, default=300.0)
     parser.add_argument("--chain-layers", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--small-chains", type=int, default=40, help="random chains of <= 8 layers vs CP-SAT")
     parser.add_argument("--instances", type=Path, default=INSTANCES)
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_remat.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.cpsat_limit = args.rl100_limit = 5.0
-        args.chain_layers, args.repeats = [10, 100], 1
+        args.chain_layers, args.repeats, args.small_chains = [10, 100], 1, 5
 
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["instance"], r.get("solver")) for r in rows}
@@ -96,13 +124,17 @@ def main(argv: list[str] | None = None) -> None:
     todo += [("graph", path, solver) for path in paths for solver in args.solvers
              if (path.stem, solver) not in done
              and (solver != "chain-dp" or chain_layout(RematInstance.load(path)) is not None)]
+    todo += [("chain-vs-cpsat", seed, None) for seed in range(args.small_chains)
+             if (f"chain_small_s{seed}", None) not in done]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for kind, what, solver in tqdm(todo, desc="bench remat"):
         if kind == "graph":
             limit = args.rl100_limit if what.stem == "random_layered_n100_b90" else args.cpsat_limit
             rows.append(graph_row(what, solver, limit))
-        else:
+        elif kind == "chain-dp":
             rows.append(chain_row(what, args.repeats))
+        else:
+            rows.append(chain_vs_cpsat_row(what, args.cpsat_limit))
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(report(rows))
     print(f"wrote {len(rows)} rows to {args.out} and {args.out.with_suffix('.md')}")
@@ -136,7 +168,34 @@ def report(rows: list[dict]) -> str:
         cpu = r.get("median_cpu_s")
         lines.append(f"| {r['layers']} | {r['status']} | {r['overhead']:.4f} | {r['median_s']:.2f} | "
                      f"{'-' if cpu is None else f'{cpu:.2f}'} | {len(r['times_s'])} |")
+    small = [r for r in rows if r["kind"] == "chain-vs-cpsat"]
+    if small:
+        lines += ["", *chain_vs_cpsat_report(small)]
     return "\n".join(lines) + "\n"
+
+
+def chain_vs_cpsat_report(rows: list[dict]) -> list[str]:
+    solved = [r for r in rows if r["dp_status"] == "optimal"]
+    same = sum(r["cpsat_cost"] == r["dp_cost"] for r in solved)
+    proved = sum(r["cpsat_status"] == "optimal" for r in solved)
+    rotor_worse = sum(r["rotor_cost"] is not None and r["rotor_cost"] > r["dp_cost"] for r in solved)
+    infeasible = [r for r in rows if r["dp_status"] == "infeasible"]
+    lines = ["## Chain DP = CP-SAT on random heterogeneous chains of <= 8 layers", "",
+             f"- {len(rows)} chains: the DP is exact on {len(solved)} and proves {len(infeasible)} infeasible "
+             f"(CP-SAT agrees on {sum(r['cpsat_status'] == 'infeasible' for r in infeasible)}).",
+             f"- CP-SAT reaches the DP's optimum on {same} of {len(solved)} and proves it on {proved}; "
+             f"median times: DP {statistics.median(r['dp_time_s'] for r in rows):.4f} s, "
+             f"CP-SAT {statistics.median(r['cpsat_time_s'] for r in rows):.2f} s.",
+             f"- The Rotor recursion alone (persistent checkpoints) is above the optimum on {rotor_worse} of "
+             f"{len(solved)}.", "",
+             "| chain | layers | budget | DP | CP-SAT cost | CP-SAT bound | CP-SAT status | Rotor | CP-SAT (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rotor = "-" if r["rotor_cost"] is None else f"{r['rotor_cost']:g}"
+        lines.append(f"| {r['instance']} | {r['layers']} | {r['budget']:g} | {r['dp_cost']:g} ({r['dp_status']}) | "
+                     f"{r['cpsat_cost']:g} | {r['cpsat_bound']:g} | {r['cpsat_status']} | {rotor} | "
+                     f"{r['cpsat_time_s']:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":
