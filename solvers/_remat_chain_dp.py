@@ -208,7 +208,8 @@ def chain_computes(tables: ChainTables, layout: ChainLayout) -> list[int]:
     while todo:
         mode, s, t, m = todo.pop()
         if s == t:
-            computes.extend(([layout.forward[t]] if mode == 0 else []) + [layout.backward[t]])
+            layer = ([layout.forward[t]] if mode == 0 else []) + [layout.backward[t]]
+            computes.extend(v for v in layer if v is not None)  # b_0 may be absent (`chain_layout`)
             continue
         k = _choice(tables, mode, s, t, m)
         if k is None:

@@ -39,6 +39,7 @@ def exact_chain(layout: ChainLayout, budget: float) -> ExactChain:
     """The cheapest valid schedule of the chain `layout` under `budget` (module docstring)."""
     chain: Chain = layout.chain
     n, x, g = chain.length, chain.output_size, chain.gradient_size
+    done = 0 if layout.backward[0] is not None else 1  # without b_0 the schedule ends after b_1
     start = (n - 1, 0)
     best = {start: 0.0}
     parent: dict[tuple[int, int], tuple[tuple[int, int], int | None]] = {}
@@ -48,7 +49,7 @@ def exact_chain(layout: ChainLayout, budget: float) -> ExactChain:
         if cost > best[state]:
             continue
         t, resident = state
-        if t < 0:
+        if t < done:
             return ExactChain(cost, _computes(parent, state, layout))
         held = (g[t + 1] if t + 1 < n else 0) + sum(x[j] for j in range(t + 1) if resident >> j & 1)
         for move, nxt, step in _moves(chain, t, resident, held, budget):

@@ -9,7 +9,8 @@ Solvers (CLI names in `REMAT_SOLVERS`):
   schedule is "feasible" with the no-remat bound.
 * ``checkpoint-all``, ``sqrt-n``, ``chen-greedy``: the baselines (`_remat_heuristics`).
 * ``greedy``: the cheapest schedule of all heuristics: the baselines, the budget-aware eviction
-  greedy on two orders, and the chain DP on chains.
+  greedy on two orders, and the chain DP on chains (on VGG16/VGG19 the Rotor DP's schedule is
+  already optimal, so CP-SAT starts from it and only has to prove it).
 
 Every returned schedule goes through `validate_remat`. Lower bounds (`_remat_bounds`): the
 no-remat cost always, CP-SAT's bound when its model is exact. Status "infeasible" when the

@@ -94,7 +94,10 @@ def random_chains(draw, max_layers: int) -> RematInstance:
     def numbers(lo, hi):
         return draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n))
     chain = Chain(tuple(numbers(0, 5)), tuple(numbers(0, 5)), tuple(numbers(1, 4)), tuple(numbers(0, 3)))
-    return with_some_budget(draw, chain_instance(chain, 0))
+    instance = chain_instance(chain, 0)
+    if n > 1 and draw(st.booleans()):  # no gradient for the network input, as in Checkmate's VGG graphs
+        instance = RematInstance("chain_without_b0", tuple(v for v in instance.nodes if v.id != "b0"), 0)
+    return with_some_budget(draw, instance)
 
 
 def distinct_optima(graph: RematInstance) -> dict[float, float | None]:
@@ -199,8 +202,16 @@ def test_chain_builder_round_trip():
     assert instance.total_cost == 18
 
 
-def test_chain_dp_rejects_other_graphs(instances_dir):
+def test_checkmate_vgg_graphs_are_chains_and_the_dp_meets_the_cpsat_optimum(instances_dir):
     instance = RematInstance.load(instances_dir / "remat" / "VGG16_b90.json")
+    layout = chain_layout(instance)
+    assert layout.chain.length == 23 and layout.backward[0] is None and instance.nodes[layout.forward[-1]].id == "Loss"
+    dp, exact = solve_remat(instance, "chain-dp"), solve_remat(instance, "cpsat", time_limit=30)
+    assert exact.status == "optimal" and approx_eq(dp.objective, exact.objective)
+
+
+def test_chain_dp_rejects_other_graphs(instances_dir):
+    instance = RematInstance.load(instances_dir / "remat" / "fcn_8_vgg_b90.json")
     with pytest.raises(ValueError, match="chain-dp needs a chain"):
         solve_remat(instance, "chain-dp")
 

@@ -9,7 +9,10 @@ Layer i (0 <= i < n) of a chain has a forward node ``f{i}`` and a backward node 
   gradient with respect to the layer's input; by default the size of that input).
 
 So the values a layer's backward needs are its input ``f{i-1}`` and its output ``f{i}``: the layer's
-output doubles as its saved tape (Rotor's x-bar_i = x_i). A layer whose backward keeps residuals
+output doubles as its saved tape (Rotor's x-bar_i = x_i). `chain_layout` also recognises chains
+whose first layer has no backward node (the Checkmate VGG graphs compute no gradient for the
+network input; their loss node is the last layer): that layer's backward cost and gradient size
+are then 0 and its `ChainLayout.backward` entry is None. A layer whose backward keeps residuals
 larger than its output is modelled by giving ``output_size`` the residual size (conservative).
 This is the public ``chain_*`` instances' structure (SOURCE.md) with per-layer numbers.
 """
@@ -88,20 +91,20 @@ def chain_instance(chain: Chain, budget: float, name: str = "chain") -> RematIns
 
 
 class ChainLayout(NamedTuple):
-    """A graph recognised as a chain: its numbers and the node index of each f_i and b_i."""
+    """A graph recognised as a chain: its numbers and the node index of each f_i and b_i (b_0 may
+    be None: module docstring)."""
 
     chain: Chain
     forward: tuple[int, ...]
-    backward: tuple[int, ...]
+    backward: tuple[int | None, ...]
 
 
 def chain_layout(instance: RematInstance) -> ChainLayout | None:
     """The chain structure of `instance` (module docstring) whatever its ids and node order, or
     None when the graph is not such a chain."""
     nodes, deps, users = instance.nodes, instance.dep_indices, instance.users
-    if len(nodes) % 2:
-        return None
-    n = len(nodes) // 2
+    n = (len(nodes) + 1) // 2
+    first_backward = len(nodes) % 2 == 0  # else layer 0 has no backward node
     sources = [i for i, d in enumerate(deps) if not d]
     if len(sources) != 1:
         return None
@@ -111,8 +114,8 @@ def chain_layout(instance: RematInstance) -> ChainLayout | None:
         if len(nxt) != 1:
             return None
         forward.append(nxt[0])
-    backward: list[int] = [-1] * n
-    for i in reversed(range(n)):
+    backward: list[int | None] = [None] * n
+    for i in reversed(range(0 if first_backward else 1, n)):
         wanted = {forward[i]} | ({forward[i - 1]} if i else set())
         if i < n - 1:
             wanted.add(backward[i + 1])
@@ -121,8 +124,10 @@ def chain_layout(instance: RematInstance) -> ChainLayout | None:
         if len(found) != 1:
             return None
         backward[i] = found[0]
-    if len(set(forward) | set(backward)) != 2 * n:
+    if len(set(forward) | (set(backward) - {None})) != len(nodes):
         return None
-    chain = Chain(tuple(nodes[i].cost for i in forward), tuple(nodes[i].cost for i in backward),
-                  tuple(nodes[i].memory for i in forward), tuple(nodes[i].memory for i in backward))
+    def backward_numbers(attribute: str) -> tuple[float, ...]:
+        return tuple(0 if b is None else getattr(nodes[b], attribute) for b in backward)
+    chain = Chain(tuple(nodes[i].cost for i in forward), backward_numbers("cost"),
+                  tuple(nodes[i].memory for i in forward), backward_numbers("memory"))
     return ChainLayout(chain, tuple(forward), tuple(backward))
