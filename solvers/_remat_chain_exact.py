@@ -13,19 +13,23 @@ So between backward steps the state is (t, the set of resident forward values am
 with b_{t+1} resident. Moves: compute f_j (f_{j-1} resident, cost uf_j), free f_j (cost 0), or,
 with f_t and f_{t-1} resident, compute b_t (cost ub_t) and go to (t-1, set minus f_t). Memory
 while computing v is b_{t+1}'s size + the resident set + v's size. Dijkstra's shortest path from
-(n-1, {}) to past b_0 is the optimum; no path means no valid schedule (a proof of infeasibility).
+(n-1, {}) to past b_0 (past b_1 when the chain has no b_0, `chain_layout`) is the optimum; no path
+means no valid schedule (a proof of infeasibility).
 There are at most 2^(n+1) states, so `EXACT_CHAIN_LAYERS` bounds the length it is used for.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from pipesched._common import approx_le
 from pipesched.remat import Chain, ChainLayout
 
 EXACT_CHAIN_LAYERS = 14  # at most 2^15 states: well under a second
+State = tuple[int, int]  # (next backward layer t, bitmask of resident forward values)
+Move = tuple[str, int] | None  # ("f" or "b", layer) computed, or None for a free
 
 
 class ExactChain(NamedTuple):
@@ -42,7 +46,7 @@ def exact_chain(layout: ChainLayout, budget: float) -> ExactChain:
     done = 0 if layout.backward[0] is not None else 1  # without b_0 the schedule ends after b_1
     start = (n - 1, 0)
     best = {start: 0.0}
-    parent: dict[tuple[int, int], tuple[tuple[int, int], int | None]] = {}
+    parent: dict[State, tuple[State, Move]] = {}
     heap = [(0.0, start)]
     while heap:
         cost, state = heapq.heappop(heap)
@@ -60,8 +64,9 @@ def exact_chain(layout: ChainLayout, budget: float) -> ExactChain:
     return ExactChain(None, [])
 
 
-def _moves(chain: Chain, t: int, resident: int, held: float, budget: float):
-    """(computed node as ("f"/"b", layer) or None for a free, next state, cost) from state (t, resident)."""
+def _moves(chain: Chain, t: int, resident: int, held: float, budget: float
+           ) -> Iterator[tuple[Move, State, float]]:
+    """(move, next state, cost) from state (t, resident), `held` its resident bytes."""
     needed = (1 << t) | ((1 << (t - 1)) if t else 0)
     if resident & needed == needed and approx_le(held + chain.gradient_size[t], budget):
         yield ("b", t), (t - 1, resident & ~(1 << t)), chain.backward_cost[t]
@@ -72,7 +77,7 @@ def _moves(chain: Chain, t: int, resident: int, held: float, budget: float):
             yield ("f", j), (t, resident | (1 << j)), chain.forward_cost[j]
 
 
-def _computes(parent, state, layout: ChainLayout) -> list[int]:
+def _computes(parent: dict[State, tuple[State, Move]], state: State, layout: ChainLayout) -> list[int]:
     computes = []
     while state in parent:
         state, move = parent[state]
