@@ -7,6 +7,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+# float32 products in full precision everywhere (GPUs would otherwise use TF32, about 1e-3 off).
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 class MoeParams(NamedTuple):
     """One MoE feed-forward layer: router (d, E), experts' up (E, d, h) and down (E, h, d) weights.
@@ -43,26 +46,26 @@ class Routing(NamedTuple):
 
 def route(router: jax.Array, x: jax.Array, top_k: int) -> Routing:
     """Top-k of the router logits, gates = softmax over the k chosen logits (Mixtral style)."""
-    logits = x @ router
+    logits = jnp.matmul(x, router, precision=HIGHEST)
     top_logits, experts = jax.lax.top_k(logits, top_k)
     return Routing(experts.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1))
 
 
 def expert_ffn(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
     """One expert on rows x (n, d): relu(x @ up) @ down."""
-    return jax.nn.relu(x @ up) @ down
+    return jnp.matmul(jax.nn.relu(jnp.matmul(x, up, precision=HIGHEST)), down, precision=HIGHEST)
 
 
 def gate_matrix(routing: Routing, num_experts: int) -> jax.Array:
     """(T, E) gates, zero for experts a token did not choose."""
-    return jnp.einsum("tk,tke->te", routing.gates, jax.nn.one_hot(routing.experts, num_experts))
+    return jnp.einsum("tk,tke->te", routing.gates, jax.nn.one_hot(routing.experts, num_experts), precision=HIGHEST)
 
 
 def dense_moe(params: MoeParams, x: jax.Array, routing: Routing) -> jax.Array:
     """Every expert on every token, weighted by the (sparse) gates: simple, and cheap for small E."""
     gates = gate_matrix(routing, params.num_experts)
     outputs = jax.vmap(expert_ffn, in_axes=(None, 0, 0))(x, params.up, params.down)  # (E, T, d)
-    return jnp.einsum("te,etd->td", gates, outputs)
+    return jnp.einsum("te,etd->td", gates, outputs, precision=HIGHEST)
 
 
 def moe_reference(params: MoeParams, x: jax.Array, top_k: int) -> jax.Array:
