@@ -11,19 +11,28 @@ Model (OR-Tools sample structure):
   data        distinct batches u with counts c[u, e] and multiplicity m[u] (`aggregate`: identical
               batches merged; large b just has few rows of per-expert counts)
   variables   x[e, d] bool (e hosted on d), replicas, share, q as above, M[u] integer (scaled
-              batch cost, from its `batch_lower_bounds` up)
-  constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C;
-              M[u] >= sum_e c[u, e] q[e, d] for every d;
+              batch cost, from its `batch_lower_bounds` value lows[u] up). When no batch can cost
+              more than lows[u] + _SMALL_EXCESS (b = 1: a token costs 1 .. k), M[u] = lows[u] +
+              over[u] + above[u] with a boolean over[u] ("above its bound") and above[u] > 0 only
+              if over[u]: core-based search, which works on such booleans, proves the bounds there
+  constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C (= C
+              without spare slots); M[u] >= sum_e c[u, e] q[e, d] for every d (and, stated so that
+              it propagates, <= lows[u] when over[u] is false);
               redundant, for the LP: sum_d q[e, d] = S, sum_e replicas[e] <= C*G and
               M[u] >= c[u, e] share[e] (the replica-count relaxation of `replica_bound`);
-              symmetry (devices are identical): without spare slots expert e sits on a device
+              dominance: M[u] = lows[u] for the batches too heavy to exceed their bound in any
+              placement better than the warm start (`dominant_batches`);
+              symmetry (devices are identical): without spare slots, if a dominant token must have
+              its experts on distinct devices, its i-th expert is on device i and the other devices
+              are ordered by their smallest expert (`_spread_token`), else expert e sits on a device
               d <= e (relabel devices by their smallest expert); with replicas the devices'
               smallest experts are non-decreasing, empty devices last (sort devices by them: a
               shared smallest expert only leaves ties). `canonical` puts the warm start in this form.
               None with a migration term: transfers depend on the device labels.
   objective   minimise sum_u m[u] M[u] (+ migration_weight * transfers, scaled likewise)
-The proven bound is CP-SAT's best objective bound over S * (number of batches); it is a bound on
-the pure 3.2 cost only when migration_weight = 0. (This share encoding proved EPLB's README
+The proven bound is CP-SAT's best objective bound over S * (number of batches), capped by the warm
+start's cost when dominance constraints are present; it is a bound on the pure 3.2 cost only when
+migration_weight = 0. (This share encoding proved EPLB's README
 example about twice as fast as enumerating replica counts with one boolean per (e, d, r).)
 Two relaxations prove bounds fast where this model's own bound is weak: `replica_bound` (spare
 slots) and `colocation_bound` (no spare slot).
@@ -92,11 +101,19 @@ def solve_cpsat(
         q = {(e, d): model.new_int_var_from_domain(cp_model.Domain.from_values([0, *shares]), f"q[{e},{d}]")
              for e in range(E) for d in range(G)}
     lows = np.ceil(batch_lower_bounds(instance, batches) * S - 1e-6).astype(int)
-    M = [model.new_int_var(int(lows[u]), int(counts[u].sum()) * S, f"M[{u}]") for u in range(len(counts))]
+    highs = counts.sum(axis=1) * S
+    small = bool(np.all(highs - lows <= _SMALL_EXCESS))  # e.g. b = 1: a token costs 1 .. k
+    over = {u: model.new_bool_var(f"over[{u}]") for u in range(len(counts)) if small and highs[u] > lows[u]}
+    above = {u: model.new_int_var(0, int(highs[u] - lows[u] - 1), f"above[{u}]") for u in over}
+    M = [int(lows[u]) + over[u] + above[u] if u in over else model.new_int_var(int(lows[u]), int(highs[u]), f"M[{u}]")
+         for u in range(len(counts))]
 
     # constraints
-    for d in range(G):
-        model.add(sum(x[e, d] for e in range(E)) <= C)
+    for d in range(G):  # (without spare slots every device is full)
+        model.add(sum(x[e, d] for e in range(E)) == C if instance.num_slots == E else
+                  sum(x[e, d] for e in range(E)) <= C)
+    for u, v in over.items():  # M[u] = lows[u] + over[u] + above[u], above[u] > 0 only if over[u]
+        model.add(above[u] == 0).only_enforce_if(~v)
     for e in range(E):
         if R == 1:
             model.add_exactly_one(x[e, d] for d in range(G))
@@ -113,7 +130,20 @@ def solve_cpsat(
             for e in np.flatnonzero(row):
                 model.add(M[u] >= int(row[e]) * share[e])
     labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
-    if R == 1 and not labelled:
+    hint = [sorted(d) for d in hint] if labelled else canonical(hint)
+    warm_costs = (counts @ _scaled_hosting(hint, E, S)).max(axis=1)
+    hard = [] if labelled else dominant_batches(batches, lows, warm_costs)
+    for u in hard:
+        model.add(M[u] <= int(lows[u]))
+    spread = _spread_token(counts, lows, hard) if R == 1 else None
+    if spread is not None:  # its experts sit on distinct devices: name the devices after them
+        for d, e in enumerate(spread):
+            model.add(x[e, d] == 1)
+        rest = [e for e in range(E) if e not in set(spread)]
+        for rank, e in enumerate(rest):
+            for d in range(len(spread) + rank + 1, G):
+                model.add(x[e, d] == 0)
+    elif R == 1 and not labelled:
         for e in range(E):
             for d in range(e + 1, G):
                 model.add(x[e, d] == 0)
@@ -123,7 +153,10 @@ def solve_cpsat(
     for u, row in enumerate(counts):
         used = np.flatnonzero(row)
         for d in range(G):
-            model.add(sum(int(row[e]) * q[e, d] for e in used) <= M[u])
+            load = sum(int(row[e]) * q[e, d] for e in used)
+            model.add(load <= M[u])
+            if u in over:  # the same when over[u] is false, stated so that it propagates
+                model.add(load <= int(lows[u])).only_enforce_if(~over[u])
 
     # objective
     objective = sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity))
@@ -133,20 +166,83 @@ def solve_cpsat(
         objective += sum(price * x[e, d] for e in range(E) for d in range(G) if (e, d) not in was)
     model.minimize(objective)
 
-    _add_hint(model, [sorted(d) for d in hint] if labelled else canonical(hint), x, replicas, share, q, M, counts, S)
+    if spread is not None:
+        hint = _name_devices_after(hint, spread)
+    if hint is not None:
+        _add_hint(model, hint, x, replicas, share, q, M, counts, S)
+        for u, v in over.items():
+            model.add_hint(v, warm_costs[u] > lows[u])
+            model.add_hint(above[u], max(0, warm_costs[u] - lows[u] - 1))
 
     # solve
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
+    if small and workers == 2:  # core-based search on the over[u] proves bounds, no_lp finds solutions
+        solver.parameters.subsolvers.extend(["core", "no_lp"])
     with tqdm(desc="cpsat", disable=not progress, leave=False) as bar:
         status = solver.solve(model, _Bar(bar, S * num_batches))
-    bound = None if migration_weight > 0 else solver.best_objective_bound / (S * num_batches)
+    scale = S * num_batches
+    warm_cost = float(batches.multiplicity @ warm_costs) / scale
+    if migration_weight > 0:
+        bound = None
+    elif status == cp_model.INFEASIBLE and hard:  # every placement violates a dominant batch
+        return CpsatOutcome(None, warm_cost, True)
+    else:  # the optimum is the warm start's or one obeying `hard`
+        bound = min(solver.best_objective_bound / scale, warm_cost) if hard else solver.best_objective_bound / scale
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return CpsatOutcome(None, bound, False)
     devices = [[e for e in range(E) if solver.boolean_value(x[e, d])] for d in range(G)]
     return CpsatOutcome(devices, bound, status == cp_model.OPTIMAL and migration_weight == 0)
+
+
+def dominant_batches(batches: Batches, lows: np.ndarray, warm: np.ndarray) -> list[int]:
+    """Batches that no placement better than the warm start can push above their scaled bound.
+
+    Scaled costs are integers and every batch costs at least lows[u], so a placement with
+    M[u] > lows[u] has objective >= sum_v m[v] lows[v] + m[u]. When m[u] is at least the warm
+    start's excess sum_v m[v] (warm[v] - lows[v]), that is no better than the warm start: the
+    optimum is the warm start or a placement with M[u] = lows[u] for all these batches, so adding
+    that constraint keeps min(warm start, constrained optimum) = the optimum, and
+    min(warm cost, constrained bound) is a proven bound. Without any placement meeting them, the
+    warm start is optimal.
+    """
+    excess = int(batches.multiplicity @ (warm - lows))
+    return [u for u, m in enumerate(batches.multiplicity) if excess > 0 and m >= excess]
+
+
+def _scaled_hosting(devices: Devices, num_experts: int, S: int) -> np.ndarray:
+    """(E, G): S / r(e) where device d hosts expert e (r(e) = its number of hosts), else 0."""
+    copies = np.zeros(num_experts, dtype=int)
+    for experts in devices:
+        copies[experts] += 1
+    scaled = np.zeros((num_experts, len(devices)), dtype=np.int64)
+    for d, experts in enumerate(devices):
+        scaled[experts, d] = S // copies[experts]
+    return scaled
+
+
+def _spread_token(counts: np.ndarray, lows: np.ndarray, hard: list[int]) -> list[int] | None:
+    """Without spare slots, a constrained batch with M[u] = lows[u] = 1 has its experts on distinct
+    devices (each counts >= 1): the largest such batch's experts, to fix on devices 0, 1, ...
+    (devices are identical, so they may be named after them; see `solve_cpsat`)."""
+    spread = [u for u in hard if lows[u] == 1]
+    if not spread:
+        return None
+    u = max(spread, key=lambda v: np.count_nonzero(counts[v]))
+    return [int(e) for e in np.flatnonzero(counts[u])]
+
+
+def _name_devices_after(devices: Devices, spread: list[int]) -> Devices | None:
+    """`devices` relabelled to the form `solve_cpsat` fixes: the host of spread[i] is device i, the
+    other devices by their smallest expert; None if two spread experts share a device."""
+    host = {e: d for d, experts in enumerate(devices) for e in experts}
+    first = [host[e] for e in spread]
+    if len(set(first)) < len(first):
+        return None
+    others = sorted((d for d in range(len(devices)) if d not in set(first)), key=lambda d: min(devices[d]))
+    return [sorted(devices[d]) for d in first + others]
 
 
 def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: float, workers: int = 2,
@@ -192,8 +288,13 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 
+# when no batch cost can exceed its bound by more than this (scaled), e.g. at b = 1, each batch gets
+# a boolean "above its bound" in the objective, and core-based search (which works on such
+# booleans) replaces the LP workers
+_SMALL_EXCESS = 16
+
 # transitivity clauses (3 per expert triple) are added up to this many experts
-_TRANSITIVE_MAX_EXPERTS = 32
+TRANSITIVE_MAX_EXPERTS = 32
 
 
 def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limit: float, workers: int = 2,
@@ -225,7 +326,7 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
     # constraints
     for a in range(E):
         model.add(sum(s[min(a, b), max(a, b)] for b in range(E) if b != a) == C - 1)
-    if E <= _TRANSITIVE_MAX_EXPERTS:
+    if E <= TRANSITIVE_MAX_EXPERTS:
         for a, b, c in itertools.combinations(range(E), 3):
             for x, y, z in ((s[a, b], s[b, c], s[a, c]), (s[a, b], s[a, c], s[b, c]), (s[a, c], s[b, c], s[a, b])):
                 model.add_bool_or([~x, ~y, z])
@@ -244,24 +345,22 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
 
 def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, M, counts: np.ndarray,
               S: int) -> None:
-    """Warm start: the full assignment of a known placement (already in canonical form)."""
+    """Warm start: the full assignment of a known placement (in the form the model's symmetry
+    breaking expects)."""
     E, G = counts.shape[1], len(devices)
-    copies = np.zeros(E, dtype=int)
-    for experts in devices:
-        copies[experts] += 1
-    scaled = np.zeros((E, G), dtype=np.int64)
-    for d, experts in enumerate(devices):
-        scaled[experts, d] = S // copies[experts]
+    scaled = _scaled_hosting(devices, E, S)
     for e in range(E):
         if replicas:
-            model.add_hint(replicas[e], int(copies[e]))
-            model.add_hint(share[e], S // int(copies[e]))
+            copies = int(np.count_nonzero(scaled[e]))
+            model.add_hint(replicas[e], copies)
+            model.add_hint(share[e], S // copies)
         for d in range(G):
             model.add_hint(x[e, d], bool(scaled[e, d]))
             if replicas:
                 model.add_hint(q[e, d], int(scaled[e, d]))
     for u, var in enumerate(M):
-        model.add_hint(var, int((counts[u] @ scaled).max()))
+        if isinstance(var, cp_model.IntVar):  # (unary costs are hinted through their bits)
+            model.add_hint(var, int((counts[u] @ scaled).max()))
 
 
 def _proven_bound(model: cp_model.CpModel, time_limit: float, workers: int, seed: int) -> float:

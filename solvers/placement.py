@@ -17,8 +17,8 @@ written `cost` stays the pure 3.2 cost; get the transfers with `transfers(curren
 
 Lower bound: `lower_bound` (per-batch bounds) and, with spare slots, `replica_bound` (the
 replica-count relaxation, solved by CP-SAT in a tenth of the time limit); cpsat adds, without spare
-slots, `colocation_bound` (another tenth) and its own proven bound. Any result whose cost meets
-the proven lower bound is reported "optimal".
+slots and up to TRANSITIVE_MAX_EXPERTS experts, `colocation_bound` (another tenth), and its own
+proven bound. Any result whose cost meets the proven lower bound is reported "optimal".
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pipesched.solvers._placement_common import (
     max_replicas,
     transfers,
 )
-from pipesched.solvers._placement_cpsat import colocation_bound, replica_bound, solve_cpsat
+from pipesched.solvers._placement_cpsat import TRANSITIVE_MAX_EXPERTS, colocation_bound, replica_bound, solve_cpsat
 from pipesched.solvers._placement_greedy import coactivation_greedy, eplb, random_placement, round_robin
 from pipesched.solvers._placement_search import local_search
 from pipesched.solvers._result import Result
@@ -106,7 +106,8 @@ def solve_placement(
                        _eplb(instance, batches), round_robin(instance)], key=objective)
     else:
         warm = search(_WARM_START_SHARE * time_limit)
-        if instance.num_slots == instance.num_experts and instance.slots_per_device > 1:
+        if instance.num_slots == instance.num_experts and 1 < instance.slots_per_device and \
+                instance.num_experts <= TRANSITIVE_MAX_EXPERTS:  # (weak without transitivity)
             bound = max(bound, colocation_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit,
                                                 workers=workers, seed=seed))
         if migration_weight == 0 and approx_le(cost(instance, batches, warm), bound):

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
+from pipesched.solvers._placement_common import aggregate
+from pipesched.solvers._placement_cpsat import solve_cpsat
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
@@ -74,6 +76,37 @@ def test_bound_le_cpsat_eq_brute_force_le_heuristics(instance):
         assert approx_le(optimum, result.objective), solver
         if result.status == "optimal":
             assert approx_eq(result.objective, optimum)
+
+
+@st.composite
+def heavy_token_cases(draw) -> tuple[PlacementInstance, list[list[int]]]:
+    """A small instance at b = 1 whose first token recurs often, and a warm start that spreads that
+    token over distinct devices and places the other experts at random: the token is then usually
+    dominant (CP-SAT fixes it at its bound and, without spare slots, names devices after it)."""
+    E, G, C = draw(st.sampled_from([shape for shape in SHAPES if shape[0] == shape[1] * shape[2]]) |
+                   st.sampled_from(SHAPES))
+    k = draw(st.integers(2, min(E, G)))
+    tokens = st.lists(st.integers(0, E - 1), min_size=k, max_size=k, unique=True)
+    heavy, others = draw(tokens), draw(st.lists(tokens, min_size=1, max_size=8))
+    instance = PlacementInstance(num_experts=E, num_devices=G, slots_per_device=C, batch_size=1,
+                                 trace=[heavy] * draw(st.integers(2, 30)) + others)
+    devices = [[e] for e in heavy] + [[] for _ in range(G - k)]
+    free = [d for d in range(G) for _ in range(C - len(devices[d]))]
+    rest = draw(st.permutations([e for e in range(E) if e not in heavy]))
+    for e, d in zip(rest, draw(st.permutations(free)), strict=False):
+        devices[d].append(e)
+    return instance, devices
+
+
+@given(heavy_token_cases())
+def test_dominance_and_spread_keep_cpsat_exact(case):
+    instance, warm = case
+    optimum = brute_force(instance)
+    outcome = solve_cpsat(instance, aggregate(instance), warm, time_limit=20)
+    assert approx_le(outcome.bound, optimum)
+    assert outcome.optimal
+    found = placement_cost(instance, warm if outcome.devices is None else outcome.devices)
+    assert approx_eq(min(found, placement_cost(instance, warm)), optimum)
 
 
 @pytest.fixture(scope="module")
