@@ -11,10 +11,11 @@ Model (OR-Tools sample structure):
   data        distinct batches u with counts c[u, e] and multiplicity m[u] (`aggregate`: identical
               batches merged; large b just has few rows of per-expert counts)
   variables   x[e, d] bool (e hosted on d), replicas, share, q as above, M[u] integer (scaled
-              batch cost, from its `batch_lower_bounds` value lows[u] up). When no batch can cost
-              more than lows[u] + _SMALL_EXCESS (b = 1: a token costs 1 .. k), M[u] = lows[u] +
-              over[u] + above[u] with a boolean over[u] ("above its bound") and above[u] > 0 only
-              if over[u]: core-based search, which works on such booleans, proves the bounds there
+              batch cost, from its `batch_lower_bounds` value lows[u] up). With a spread token
+              (below) and no batch able to cost more than lows[u] + _SMALL_EXCESS (b = 1, k <= G),
+              M[u] = lows[u] + over[u] + above[u] with a boolean over[u] ("above its bound") and
+              above[u] > 0 only if over[u]: core-based search, which works on such booleans,
+              proves those bounds (it replaces the LP worker)
   constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C (= C
               without spare slots); M[u] >= sum_e c[u, e] q[e, d] for every d (and, stated so that
               it propagates, <= lows[u] when over[u] is false);
@@ -102,8 +103,13 @@ def solve_cpsat(
              for e in range(E) for d in range(G)}
     lows = np.ceil(batch_lower_bounds(instance, batches) * S - 1e-6).astype(int)
     highs = counts.sum(axis=1) * S
-    small = bool(np.all(highs - lows <= _SMALL_EXCESS))  # e.g. b = 1: a token costs 1 .. k
-    over = {u: model.new_bool_var(f"over[{u}]") for u in range(len(counts)) if small and highs[u] > lows[u]}
+    labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
+    hint = [sorted(d) for d in hint] if labelled else canonical(hint)
+    warm_costs = (counts @ _scaled_hosting(hint, E, S)).max(axis=1)
+    hard = [] if labelled else dominant_batches(batches, lows, warm_costs)
+    spread = _spread_token(counts, lows, hard) if R == 1 else None
+    core = spread is not None and bool(np.all(highs - lows <= _SMALL_EXCESS))  # e.g. b = 1, k <= G
+    over = {u: model.new_bool_var(f"over[{u}]") for u in range(len(counts)) if core and highs[u] > lows[u]}
     above = {u: model.new_int_var(0, int(highs[u] - lows[u] - 1), f"above[{u}]") for u in over}
     M = [int(lows[u]) + over[u] + above[u] if u in over else model.new_int_var(int(lows[u]), int(highs[u]), f"M[{u}]")
          for u in range(len(counts))]
@@ -129,13 +135,8 @@ def solve_cpsat(
         for u, row in enumerate(counts):
             for e in np.flatnonzero(row):
                 model.add(M[u] >= int(row[e]) * share[e])
-    labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
-    hint = [sorted(d) for d in hint] if labelled else canonical(hint)
-    warm_costs = (counts @ _scaled_hosting(hint, E, S)).max(axis=1)
-    hard = [] if labelled else dominant_batches(batches, lows, warm_costs)
     for u in hard:
         model.add(M[u] <= int(lows[u]))
-    spread = _spread_token(counts, lows, hard) if R == 1 else None
     if spread is not None:  # its experts sit on distinct devices: name the devices after them
         for d, e in enumerate(spread):
             model.add(x[e, d] == 1)
@@ -179,7 +180,7 @@ def solve_cpsat(
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
-    if small and workers == 2:  # core-based search on the over[u] proves bounds, no_lp finds solutions
+    if core and workers == 2:  # core-based search on the over[u] proves bounds, no_lp finds solutions
         solver.parameters.subsolvers.extend(["core", "no_lp"])
     with tqdm(desc="cpsat", disable=not progress, leave=False) as bar:
         status = solver.solve(model, _Bar(bar, S * num_batches))
@@ -288,9 +289,8 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 
-# when no batch cost can exceed its bound by more than this (scaled), e.g. at b = 1, each batch gets
-# a boolean "above its bound" in the objective, and core-based search (which works on such
-# booleans) replaces the LP workers
+# with a spread token, batches whose cost can exceed their bound by at most this (scaled) get a
+# boolean "above its bound" in the objective, for core-based search
 _SMALL_EXCESS = 16
 
 # transitivity clauses (3 per expert triple) are added up to this many experts
