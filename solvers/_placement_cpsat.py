@@ -33,8 +33,8 @@ Model (OR-Tools sample structure):
   objective   minimise sum_u m[u] M[u] (+ migration_weight * transfers, scaled likewise)
 The proven bound is CP-SAT's best objective bound over S * (number of batches), capped by the warm
 start's cost when dominance constraints are present; it is a bound on the pure 3.2 cost only when
-migration_weight = 0. (This share encoding proved EPLB's README
-example about twice as fast as enumerating replica counts with one boolean per (e, d, r).)
+migration_weight = 0. (This share encoding proved EPLB's README example about twice as fast as
+enumerating replica counts with one boolean per (e, d, r).)
 Two relaxations prove bounds fast where this model's own bound is weak: `replica_bound` (spare
 slots) and `colocation_bound` (no spare slot).
 """
@@ -359,7 +359,7 @@ def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, 
             if replicas:
                 model.add_hint(q[e, d], int(scaled[e, d]))
     for u, var in enumerate(M):
-        if isinstance(var, cp_model.IntVar):  # (unary costs are hinted through their bits)
+        if isinstance(var, cp_model.IntVar):  # (costs split into over/above are hinted by the caller)
             model.add_hint(var, int((counts[u] @ scaled).max()))
 
 
