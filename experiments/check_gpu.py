@@ -60,23 +60,20 @@ def moe_rows(seed: int = 0) -> list[dict]:
     for num_experts, top_k, num_tokens, batch_size in ((8, 2, 256, 1), (16, 2, 512, 8), (16, 4, 1024, 64)):
         params = init_moe_params(jax.random.key(seed), 64, 256, num_experts)
         x = jax.random.normal(jax.random.key(seed + 1), (num_tokens, 64))
-        plan = ExpertPlan.from_devices([list(range(num_experts))], num_experts, num_experts, 256)
+        devices = [list(range(num_experts))]
+        plan = ExpertPlan.from_devices(devices, num_experts, num_experts, 256)
         reference = moe_reference(params, x, top_k)
         for name, matmul in (("pallas", grouped_matmul), ("ragged_dot", grouped_matmul_reference)):
             out = expert_parallel_moe(params, x, plan=plan, mesh=expert_mesh(1), top_k=top_k,
                                       batch_size=batch_size, matmul=matmul)
             trace = [tuple(int(e) for e in token) for token in np.asarray(out.routing.experts)]
             instance = PlacementInstance(num_experts, 1, num_experts, batch_size, trace)
-            load_error = float(np.abs(measured_loads(out, plan) - batch_loads(instance, plan_devices(plan))).max())
+            load_error = float(np.abs(measured_loads(out, plan) - batch_loads(instance, devices)).max())
             error = float(jnp.abs(out.y - reference).max())
             rows.append({"E": num_experts, "k": top_k, "tokens": num_tokens, "b": batch_size, "matmul": name,
                          "max_output_error": error, "max_load_error": load_error, "dropped": int(out.dropped),
                          "ok": error <= 1e-5 and load_error <= 1e-12 and int(out.dropped) == 0})
     return rows
-
-
-def plan_devices(plan: ExpertPlan) -> list[list[int]]:
-    return [[int(e) for e in plan.slot_expert if e >= 0]]
 
 
 def executor_rows() -> list[dict]:
