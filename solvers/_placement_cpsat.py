@@ -11,11 +11,15 @@ Model (OR-Tools sample structure):
   data        distinct batches u with counts c[u, e] and multiplicity m[u] (`aggregate`: identical
               batches merged; large b just has few rows of per-expert counts)
   variables   x[e, d] bool (e hosted on d), replicas, share, q as above, M[u] integer (scaled
-              batch cost, from its `batch_lower_bounds` value lows[u] up). With a spread token
+              batch cost, from its `batch_lower_bounds` value lows[u] up; with replicas and small
+              loads only over the loads a device can carry, `_cost_domains`). With a spread token
               (below) and no batch able to cost more than lows[u] + _SMALL_EXCESS (b = 1, k <= G),
               M[u] = lows[u] + over[u] + above[u] with a boolean over[u] ("above its bound") and
-              above[u] > 0 only if over[u]: core-based search, which works on such booleans,
-              proves those bounds (it replaces the LP worker)
+              above[u] > 0 only if over[u]
+  search      core-based search (MaxSAT style: it raises the bound core by core) replaces one of
+              the two workers where batch costs move in coarse steps: the split M[u] above (with
+              the no-LP worker), few cost values and no batch pinned by dominance (b <= 8, with
+              the LP worker), or replica cost domains whose first step is at least one share S/R
   constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C (= C
               without spare slots); M[u] >= sum_e c[u, e] q[e, d] for every d (and, stated so that
               it propagates, <= lows[u] when over[u] is false);
@@ -105,14 +109,25 @@ def solve_cpsat(
     highs = counts.sum(axis=1) * S
     labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
     hint = [sorted(d) for d in hint] if labelled else canonical(hint)
+    domains = _cost_domains(instance, counts, lows, S) if R > 1 and highs.max() <= _DOMAIN_MAX_LOAD else None
+    if domains is not None:  # the smallest load a device can carry at or above the bound
+        lows = np.array([values[0] for values in domains])
     warm_costs = (counts @ _scaled_hosting(hint, E, S)).max(axis=1)
     hard = [] if labelled else dominant_batches(batches, lows, warm_costs)
     spread = _spread_token(counts, lows, hard) if R == 1 else None
-    core = spread is not None and bool(np.all(highs - lows <= _SMALL_EXCESS))  # e.g. b = 1, k <= G
-    over = {u: model.new_bool_var(f"over[{u}]") for u in range(len(counts)) if core and highs[u] > lows[u]}
+    if domains is not None:  # core-based search when every step up a batch cost is at least S / R
+        core = all(len(values) == 1 or values[1] - values[0] >= S // R for values in domains)
+    else:  # ... or batch costs have few values (e.g. b <= 8) and no batch is pinned without a spread token
+        core = (spread is not None or not hard) and bool(np.all(highs - lows <= _SMALL_EXCESS))
+    split = core and spread is not None  # M[u] = lows[u] + over[u] + above[u]
+    over = {u: model.new_bool_var(f"over[{u}]") for u in range(len(counts)) if split and highs[u] > lows[u]}
     above = {u: model.new_int_var(0, int(highs[u] - lows[u] - 1), f"above[{u}]") for u in over}
-    M = [int(lows[u]) + over[u] + above[u] if u in over else model.new_int_var(int(lows[u]), int(highs[u]), f"M[{u}]")
-         for u in range(len(counts))]
+    if domains is not None:
+        M = [model.new_int_var_from_domain(cp_model.Domain.from_values(values), f"M[{u}]")
+             for u, values in enumerate(domains)]
+    else:
+        M = [int(lows[u]) + over[u] + above[u] if u in over else
+             model.new_int_var(int(lows[u]), int(highs[u]), f"M[{u}]") for u in range(len(counts))]
 
     # constraints
     for d in range(G):  # (without spare slots every device is full)
@@ -180,8 +195,8 @@ def solve_cpsat(
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
-    if core and workers == 2:  # core-based search on the over[u] proves bounds, no_lp finds solutions
-        solver.parameters.subsolvers.extend(["core", "no_lp"])
+    if core and workers == 2:  # core-based search proves bounds; the other worker finds solutions
+        solver.parameters.subsolvers.extend(["core", "no_lp" if split else "default_lp"])
     with tqdm(desc="cpsat", disable=not progress, leave=False) as bar:
         status = solver.solve(model, _Bar(bar, S * num_batches))
     scale = S * num_batches
@@ -211,6 +226,37 @@ def dominant_batches(batches: Batches, lows: np.ndarray, warm: np.ndarray) -> li
     """
     excess = int(batches.multiplicity @ (warm - lows))
     return [u for u, m in enumerate(batches.multiplicity) if excess > 0 and m >= excess]
+
+
+def _cost_domains(instance: PlacementInstance, counts: np.ndarray, lows: np.ndarray, S: int) -> list[list[int]]:
+    """With replicas: for each batch, the scaled loads one device can carry that are >= lows[u].
+
+    A device's scaled load in batch u is sum_e c[u, e] * S / r(e) over the batch's experts it
+    hosts, where 1 <= r(e) <= R and sum_e (r(e) - 1) <= C*G - E (every extra replica takes a
+    spare slot, so the experts of one device use at most all of them). The batch cost is one such
+    load (the largest) and at least lows[u], so M[u] ranges over these values only: the smallest
+    is a per-batch bound at least lows[u], and the gap to the next is the least step up.
+    Batches with the same expert counts share the values (computed once, a reachability table
+    over (spare slots used, load)).
+    """
+    R, spare = max_replicas(instance), instance.num_slots - instance.num_experts
+    cache: dict[tuple[int, ...], np.ndarray] = {}
+    domains = []
+    for u, row in enumerate(counts):
+        key = tuple(sorted(int(c) for c in row if c))
+        if key not in cache:
+            reach = np.zeros((spare + 1, sum(key) * S + 1), dtype=bool)  # [spare slots used, load]
+            reach[0, 0] = True
+            for c in key:
+                grown = reach.copy()
+                for r in range(1, min(R, spare + 1) + 1):
+                    step = c * S // r
+                    grown[r - 1:, step:] |= reach[:spare + 2 - r, :reach.shape[1] - step]
+                reach = grown
+            cache[key] = np.flatnonzero(reach.any(axis=0))
+        values = cache[key]
+        domains.append([int(v) for v in values[values >= lows[u]]])
+    return domains
 
 
 def _scaled_hosting(devices: Devices, num_experts: int, S: int) -> np.ndarray:
@@ -289,9 +335,12 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 
-# with a spread token, batches whose cost can exceed their bound by at most this (scaled) get a
-# boolean "above its bound" in the objective, for core-based search
+# batches whose cost can exceed their bound by at most this (scaled) count as having few cost
+# values (core-based search; with a spread token, a boolean "above its bound" each)
 _SMALL_EXCESS = 16
+
+# with replicas, batch costs range over `_cost_domains` up to this scaled load (b = 1: k * S)
+_DOMAIN_MAX_LOAD = 16384
 
 # transitivity clauses (3 per expert triple) are added up to this many experts
 TRANSITIVE_MAX_EXPERTS = 32

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
-from pipesched.solvers._placement_common import aggregate
-from pipesched.solvers._placement_cpsat import solve_cpsat
+from pipesched.solvers._placement_common import aggregate, batch_lower_bounds, max_replicas
+from pipesched.solvers._placement_cpsat import _cost_domains, _scaled_hosting, solve_cpsat
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
@@ -107,6 +107,34 @@ def test_dominance_and_spread_keep_cpsat_exact(case):
     assert outcome.optimal
     found = placement_cost(instance, warm if outcome.devices is None else outcome.devices)
     assert approx_eq(min(found, placement_cost(instance, warm)), optimum)
+
+
+@st.composite
+def replicated_placements(draw) -> tuple[PlacementInstance, list[list[int]]]:
+    """A small instance with spare slots and a random placement that fills some with replicas."""
+    instance = draw(small_instances().filter(lambda inst: inst.num_slots > inst.num_experts))
+    E, G, C = instance.num_experts, instance.num_devices, instance.slots_per_device
+    slots = draw(st.permutations([d for d in range(G) for _ in range(C)]))
+    devices = [[] for _ in range(G)]
+    for e, d in zip(range(E), slots, strict=False):
+        devices[d].append(e)
+    for d in slots[E:]:
+        missing = [e for e in range(E) if e not in devices[d]]
+        if missing and draw(st.booleans()):
+            devices[d].append(draw(st.sampled_from(missing)))
+    return instance, devices
+
+
+@given(replicated_placements())
+def test_cost_domains_hold_every_batch_cost(case):
+    instance, devices = case
+    batches = aggregate(instance)
+    S = math.lcm(*range(1, max_replicas(instance) + 1))
+    lows = np.ceil(batch_lower_bounds(instance, batches) * S - 1e-6).astype(int)
+    domains = _cost_domains(instance, batches.counts, lows, S)
+    costs = (batches.counts @ _scaled_hosting(devices, instance.num_experts, S)).max(axis=1)
+    for cost, values in zip(costs, domains, strict=True):
+        assert cost in values
 
 
 @pytest.fixture(scope="module")
