@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import optax
 import pytest
 from helpers import hand_1f1b, uniform
 
@@ -15,6 +16,7 @@ from pipesched.executor import (
     compile_pipeline,
     compiled_memory_bytes,
     gradient_error,
+    init_optimizer,
     loss_curves,
     make_plan,
     profile_instance,
@@ -22,6 +24,7 @@ from pipesched.executor import (
     slot_bytes,
     tick_prediction,
     tick_times,
+    train_step_fn,
 )
 from pipesched.executor._plan import BRANCH, OPS, branch_index
 from pipesched.executor._profile import calibration_plan, calibration_rows
@@ -154,6 +157,16 @@ def test_run_report_has_the_format_keys(data_parallel):
     assert report["max_abs_grad_error"] <= TOL
     assert report["predicted_executed_step_time_s"] >= report["predicted_step_time_s"] - 1e-12
     assert jax.default_backend() == report["backend"]
+
+
+def test_train_step_keeps_optimizer_state_shardings():
+    """The optimizer state comes back from a step sharded as it went in, so the second step reuses
+    the first step's compiled update instead of recompiling it."""
+    pipeline = compile_pipeline(_zoo("1f1b", 2, 2), MLP)
+    optimizer = optax.adam(1e-3)
+    opt_state = init_optimizer(pipeline, optimizer)
+    _, stepped, _ = train_step_fn(pipeline, optimizer)(pipeline.params, opt_state, pipeline.batch)
+    assert jax.tree.map(lambda a: a.sharding, stepped) == jax.tree.map(lambda a: a.sharding, opt_state)
 
 
 @pytest.mark.parametrize("name, P, D", [("1f1b", 2, 2), ("zb-h1", 4, 2), ("1f1b", 2, 4)])

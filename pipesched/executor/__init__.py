@@ -37,6 +37,7 @@ from pipesched.executor._run import (
                                          compile_pipeline,
                                          compiled_memory_bytes,
                                          gradient_error,
+                                         init_optimizer,
                                          loss_curves,
                                          predicted_times,
                                          run,
@@ -46,8 +47,8 @@ from pipesched.executor._run import (
 __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
     "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
-    "compiled_memory_bytes", "distributed_grads", "executed_form", "free_port", "gradient_error", "loss_curves",
-    "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance",
+    "compiled_memory_bytes", "distributed_grads", "executed_form", "free_port", "gradient_error", "init_optimizer",
+    "loss_curves", "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance",
     "program_stage_times", "program_tick_times", "reference_grads",
     "reference_loss", "run", "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction",
     "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",

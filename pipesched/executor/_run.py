@@ -11,6 +11,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from pipesched.executor._compile import PipelineProgram, build_program, make_mesh, stack_params, unstack
@@ -79,6 +81,13 @@ def train_step_fn(pipeline: Pipeline, optimizer: optax.GradientTransformation):
     return step
 
 
+def init_optimizer(pipeline: Pipeline, optimizer: optax.GradientTransformation) -> optax.OptState:
+    """`optimizer.init` on the pipeline's parameters, its scalar leaves (step counts) replicated
+    on the program's mesh as the jitted update returns them (else the second step recompiles)."""
+    replicated = NamedSharding(pipeline.program.mesh, P())
+    return jax.tree.map(lambda a: jax.device_put(a, replicated) if a.ndim == 0 else a, optimizer.init(pipeline.params))
+
+
 def loss_curves(pipeline: Pipeline, steps: int, learning_rate: float = 1e-3, progress: bool = False
                 ) -> tuple[list[float], list[float]]:
     """Losses of `steps` Adam steps on the pipeline's batch: pipelined, and unpipelined on one device."""
@@ -92,9 +101,11 @@ def loss_curves(pipeline: Pipeline, steps: int, learning_rate: float = 1e-3, pro
         return optax.apply_updates(params, updates), opt_state, loss
 
     curves = []
-    for step, params, batch in ((pipelined, pipeline.params, pipeline.batch),
-                                (unpipelined, pipeline.model.params, jax.device_get(pipeline.batch))):
-        opt_state, losses = optimizer.init(params), []
+    reference = pipeline.model.params
+    for step, params, opt_state, batch in (
+            (pipelined, pipeline.params, init_optimizer(pipeline, optimizer), pipeline.batch),
+            (unpipelined, reference, optimizer.init(reference), jax.device_get(pipeline.batch))):
+        losses = []
         for _ in tqdm(range(steps), desc="loss curve", disable=not progress):
             params, opt_state, loss = step(params, opt_state, batch)
             losses.append(float(loss))
@@ -148,7 +159,7 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
     loss, ref_loss, error = gradient_error(pipeline)
     optimizer = optax.adam(learning_rate)
     step = train_step_fn(pipeline, optimizer)
-    params, opt_state = pipeline.params, optimizer.init(pipeline.params)
+    params, opt_state = pipeline.params, init_optimizer(pipeline, optimizer)
     times, losses = [], []
     for i in tqdm(range(warmup + steps), desc=f"run {schedule.solver}", disable=not progress):
         t0 = time.perf_counter()
