@@ -6,7 +6,8 @@ Objective: the 3.2 cost + migration_weight * transfers(current, placement) (see
     expert into a free slot of the other device (replica shares unchanged, so only the two
     columns of the per-batch loads change: vectorised over all candidates of the pair);
   * with spare slots: add a replica of an expert to a free slot, or drop one (the expert's
-    share 1/r changes on all of its hosts).
+    share 1/r changes on all of its hosts); when neither improves, replicate every single-hosted
+    expert of one heavy batch at once.
 Best-improvement per pair, until no move improves; then a random perturbation (a few swaps) from
 the best placement, until `time_limit` or `patience` perturbations in a row bring nothing.
 """
@@ -145,6 +146,36 @@ class _Search:
             self.copies[e] += 1
         self.refresh(set(hosting) | {d})
 
+    def best_batch_replication(self, candidates: int = 16) -> tuple[float, list[tuple[str, int, int]]]:
+        """(change of objective, replica moves): every single-hosted expert of one heavy batch gets a
+        replica at once (one replica alone rarely lowers a batch's cost, so single additions stall
+        on that plateau). Tried for the `candidates` heaviest batches; each replica goes to the
+        device where that batch's load is lowest, into a free slot or in place of a replica of the
+        least loaded expert outside the batch."""
+        best: tuple[float, list[tuple[str, int, int]]] = (np.inf, [])
+        now = self.objective()
+        expert_load = self.w @ self.counts
+        for u in np.argsort(-self.w, kind="stable")[:candidates]:
+            experts = [int(e) for e in np.flatnonzero(self.counts[u]) if self.copies[e] == 1]
+            moves: list[tuple[str, int, int]] = []
+            for e in experts:
+                for d in sorted((d for d in range(self.G) if e not in self.hosts[d]), key=lambda d: self.loads[u, d]):
+                    if len(self.hosts[d]) >= self.C:
+                        spare = [f for f in self.hosts[d] if self.copies[f] > 1 and not self.counts[u, f]]
+                        if not spare:
+                            continue
+                        f = min(spare, key=lambda f: expert_load[f])
+                        self.apply_replica_move("drop", f, d)
+                        moves.append(("drop", f, d))
+                    self.apply_replica_move("add", e, d)
+                    moves.append(("add", e, d))
+                    break
+            if experts and sum(kind == "add" for kind, _, _ in moves) == len(experts):
+                best = min(best, (self.objective() - now, moves), key=lambda t: t[0])
+            for kind, e, d in reversed(moves):
+                self.apply_replica_move("drop" if kind == "add" else "add", e, d)
+        return best
+
     # ---- perturbation ------------------------------------------------------------------------
 
     def random_swap(self, rng: np.random.Generator) -> None:
@@ -171,6 +202,12 @@ def _descend(state: _Search, rng: np.random.Generator, deadline: float) -> None:
             if change < -_EPS:
                 state.apply_replica_move(*move)
                 improved = True
+            else:
+                change, moves = state.best_batch_replication()
+                if change < -_EPS:
+                    for move in moves:
+                        state.apply_replica_move(*move)
+                    improved = True
 
 
 def local_search(

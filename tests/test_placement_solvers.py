@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
 from pipesched.solvers._placement_common import aggregate, batch_lower_bounds, max_replicas
 from pipesched.solvers._placement_cpsat import _cost_domains, _scaled_hosting, solve_cpsat
+from pipesched.solvers._placement_search import local_search
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
@@ -135,6 +136,18 @@ def test_cost_domains_hold_every_batch_cost(case):
     costs = (batches.counts @ _scaled_hosting(devices, instance.num_experts, S)).max(axis=1)
     for cost, values in zip(costs, domains, strict=True):
         assert cost in values
+
+
+def test_local_search_replicates_a_whole_batch():
+    """One replica of one expert leaves the token's cost at 1 (its other expert still carries 1);
+    only replicating both experts at once halves it, which the batch move finds."""
+    instance = PlacementInstance(num_experts=4, num_devices=4, slots_per_device=2, batch_size=1,
+                                 trace=[[0, 1]] * 5 + [[2, 3]] * 3)
+    batches = aggregate(instance)
+    start = [[0], [1], [2], [3]]
+    devices = local_search(instance, batches, start, time_limit=5)
+    assert placement_cost(instance, start) == 1.0
+    assert approx_eq(placement_cost(instance, devices), 0.5)
 
 
 @pytest.fixture(scope="module")
