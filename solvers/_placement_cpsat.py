@@ -16,10 +16,14 @@ Model (OR-Tools sample structure):
               (below) and no batch able to cost more than lows[u] + _SMALL_EXCESS (b = 1, k <= G),
               M[u] = lows[u] + over[u] + above[u] with a boolean over[u] ("above its bound") and
               above[u] > 0 only if over[u]
-  search      core-based search (MaxSAT style: it raises the bound core by core) replaces one of
-              the two workers where batch costs move in coarse steps: the split M[u] above (with
-              the no-LP worker), few cost values and no batch pinned by dominance (b <= 8, with
-              the LP worker), or replica cost domains whose first step is at least one share S/R
+  search      with 2 workers, two full bound-proving searches (CP-SAT's default would run one
+              and give the other thread to neighbourhood search, which the local-search warm
+              start makes redundant): the LP-based search, or core-based search (MaxSAT style: it
+              raises the bound core by core) where batch costs move in coarse steps (the split
+              M[u] above, few cost values and no batch pinned by dominance as at b <= 8, or
+              replica cost domains whose first step is at least one share S/R); beside it
+              objective lower-bound search (it tries to reach the current bound and raises it
+              when it cannot), which raised the bound most at b = 1 with k = G
   constraints 1 <= replicas[e] <= R (R = 1: q = x, exactly one host); sum_e x[e, d] <= C (= C
               without spare slots); M[u] >= sum_e c[u, e] q[e, d] for every d (and, stated so that
               it propagates, <= lows[u] when over[u] is false);
@@ -109,7 +113,7 @@ def solve_cpsat(
     highs = counts.sum(axis=1) * S
     labelled = migration_weight > 0 and current is not None  # transfers depend on device labels
     hint = [sorted(d) for d in hint] if labelled else canonical(hint)
-    domains = _cost_domains(instance, counts, lows, S) if R > 1 and highs.max() <= _DOMAIN_MAX_LOAD else None
+    domains = _cost_domains(instance, counts, lows, R, S) if R > 1 and highs.max() <= _DOMAIN_MAX_LOAD else None
     if domains is not None:  # the smallest load a device can carry at or above the bound
         lows = np.array([values[0] for values in domains])
     warm_costs = (counts @ _scaled_hosting(hint, E, S)).max(axis=1)
@@ -185,7 +189,10 @@ def solve_cpsat(
     if spread is not None:
         hint = _name_devices_after(hint, spread)
     if hint is not None:
-        _add_hint(model, hint, x, replicas, share, q, M, counts, S)
+        _add_hint(model, hint, E, x, replicas, share, q, S)
+        for u, var in enumerate(M):
+            if isinstance(var, cp_model.IntVar):  # (costs split into over/above: hinted below)
+                model.add_hint(var, int(warm_costs[u]))
         for u, v in over.items():
             model.add_hint(v, warm_costs[u] > lows[u])
             model.add_hint(above[u], max(0, warm_costs[u] - lows[u] - 1))
@@ -195,8 +202,9 @@ def solve_cpsat(
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
-    if core and workers == 2:  # core-based search proves bounds; the other worker finds solutions
-        solver.parameters.subsolvers.extend(["core", "no_lp" if split else "default_lp"])
+    if workers == 2:  # two full bound-proving searches (see the module docstring)
+        solver.parameters.subsolvers.extend(["core" if core else "default_lp", "objective_lb_search"])
+        solver.parameters.num_full_subsolvers = 2
     with tqdm(desc="cpsat", disable=not progress, leave=False) as bar:
         status = solver.solve(model, _Bar(bar, S * num_batches))
     scale = S * num_batches
@@ -228,7 +236,8 @@ def dominant_batches(batches: Batches, lows: np.ndarray, warm: np.ndarray) -> li
     return [u for u, m in enumerate(batches.multiplicity) if excess > 0 and m >= excess]
 
 
-def _cost_domains(instance: PlacementInstance, counts: np.ndarray, lows: np.ndarray, S: int) -> list[list[int]]:
+def _cost_domains(instance: PlacementInstance, counts: np.ndarray, lows: np.ndarray, R: int,
+                  S: int) -> list[list[int]]:
     """With replicas: for each batch, the scaled loads one device can carry that are >= lows[u].
 
     A device's scaled load in batch u is sum_e c[u, e] * S / r(e) over the batch's experts it
@@ -239,7 +248,7 @@ def _cost_domains(instance: PlacementInstance, counts: np.ndarray, lows: np.ndar
     Batches with the same expert counts share the values (computed once, a reachability table
     over (spare slots used, load)).
     """
-    R, spare = max_replicas(instance), instance.num_slots - instance.num_experts
+    spare = instance.num_slots - instance.num_experts
     cache: dict[tuple[int, ...], np.ndarray] = {}
     domains = []
     for u, row in enumerate(counts):
@@ -392,11 +401,10 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
     return relaxed / int(batches.multiplicity.sum())
 
 
-def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, M, counts: np.ndarray,
-              S: int) -> None:
-    """Warm start: the full assignment of a known placement (in the form the model's symmetry
-    breaking expects)."""
-    E, G = counts.shape[1], len(devices)
+def _add_hint(model: cp_model.CpModel, devices: Devices, E: int, x, replicas, share, q, S: int) -> None:
+    """Warm start: the hosting variables of a known placement (in the form the model's symmetry
+    breaking expects); the caller hints the batch costs."""
+    G = len(devices)
     scaled = _scaled_hosting(devices, E, S)
     for e in range(E):
         if replicas:
@@ -407,9 +415,6 @@ def _add_hint(model: cp_model.CpModel, devices: Devices, x, replicas, share, q, 
             model.add_hint(x[e, d], bool(scaled[e, d]))
             if replicas:
                 model.add_hint(q[e, d], int(scaled[e, d]))
-    for u, var in enumerate(M):
-        if isinstance(var, cp_model.IntVar):  # (costs split into over/above are hinted by the caller)
-            model.add_hint(var, int((counts[u] @ scaled).max()))
 
 
 def _proven_bound(model: cp_model.CpModel, time_limit: float, workers: int, seed: int) -> float:

@@ -8,8 +8,11 @@ Objective: the 3.2 cost + migration_weight * transfers(current, placement) (see
   * with spare slots: add a replica of an expert to a free slot, or drop one (the expert's
     share 1/r changes on all of its hosts); when neither improves, replicate every single-hosted
     expert of one heavy batch at once.
-Best-improvement per pair, until no move improves; then a random perturbation (a few swaps) from
-the best placement, until `time_limit` or `patience` perturbations in a row bring nothing.
+Best-improvement per pair, until no move improves; where no pair move changes the objective, the
+one that lowers the spread sum_u w[u] sum_d loads[u, d]^2 most (at b = 1 that counts the pairs of
+a token's experts sharing a device, so plateau moves head for tokens with all experts apart).
+Then a random perturbation (a few swaps) from the best placement, until `time_limit` or `patience`
+perturbations in a row bring nothing.
 """
 
 from __future__ import annotations
@@ -65,8 +68,10 @@ class _Search:
 
     # ---- pair moves: swap or move between devices a and b -----------------------------------
 
-    def best_pair_move(self, a: int, b: int) -> tuple[float, tuple[int | None, int | None]]:
-        """(change of objective, (expert leaving a or None, expert leaving b or None))."""
+    def best_pair_move(self, a: int, b: int) -> tuple[float, float, tuple[int | None, int | None]]:
+        """(change of objective, change of `spread`, (expert leaving a or None, expert leaving b or
+        None)): the move that lowers the objective most or, when none does, the objective-neutral
+        move that lowers the spread most."""
         others = [d for d in range(self.G) if d not in (a, b)]
         rest = self.loads[:, others].max(axis=1) if others else np.zeros(len(self.w))
         now = float(self.w @ np.maximum(rest, np.maximum(self.loads[:, a], self.loads[:, b])))
@@ -85,9 +90,15 @@ class _Search:
         if out_a and out_b and out_a[-1] is None and out_b[-1] is None:
             change[-1, -1] = np.inf  # both None: no move
         if change.size == 0:
-            return np.inf, (None, None)
+            return np.inf, np.inf, (None, None)
         i, j = np.unravel_index(np.argmin(change), change.shape)
-        return float(change[i, j]), (out_a[i], out_b[j])
+        if change[i, j] < -_EPS:
+            return float(change[i, j]), 0.0, (out_a[i], out_b[j])
+        la, lb = self.loads[:, a, None, None], self.loads[:, b, None, None]
+        spread = np.einsum("u,uij->ij", self.w, (la + delta) ** 2 + (lb - delta) ** 2 - la ** 2 - lb ** 2)
+        spread[change > _EPS] = np.inf
+        i, j = np.unravel_index(np.argmin(spread), spread.shape)
+        return float(change[i, j]), float(spread[i, j]), (out_a[i], out_b[j])
 
     def _column_share(self, experts: list[int | None]) -> np.ndarray:
         cols = np.zeros((len(self.w), len(experts)))
@@ -193,8 +204,8 @@ def _descend(state: _Search, rng: np.random.Generator, deadline: float) -> None:
         improved = False
         for k in rng.permutation(len(pairs)):
             a, b = pairs[k]
-            change, (leave_a, leave_b) = state.best_pair_move(a, b)
-            if change < -_EPS:
+            change, spread, (leave_a, leave_b) = state.best_pair_move(a, b)
+            if change < -_EPS or spread < -_EPS:
                 state.apply_pair_move(a, b, leave_a, leave_b)
                 improved = True
         if state.replicas_allowed:

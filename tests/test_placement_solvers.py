@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement, transfers
 from pipesched.solvers._placement_common import aggregate, batch_lower_bounds, max_replicas
 from pipesched.solvers._placement_cpsat import _cost_domains, _scaled_hosting, solve_cpsat
-from pipesched.solvers._placement_search import local_search
+from pipesched.solvers._placement_search import _Search, local_search
 
 from pipesched._common import approx_eq, approx_le
 from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
@@ -130,9 +130,10 @@ def replicated_placements(draw) -> tuple[PlacementInstance, list[list[int]]]:
 def test_cost_domains_hold_every_batch_cost(case):
     instance, devices = case
     batches = aggregate(instance)
-    S = math.lcm(*range(1, max_replicas(instance) + 1))
+    R = max_replicas(instance)
+    S = math.lcm(*range(1, R + 1))
     lows = np.ceil(batch_lower_bounds(instance, batches) * S - 1e-6).astype(int)
-    domains = _cost_domains(instance, batches.counts, lows, S)
+    domains = _cost_domains(instance, batches.counts, lows, R, S)
     costs = (batches.counts @ _scaled_hosting(devices, instance.num_experts, S)).max(axis=1)
     for cost, values in zip(costs, domains, strict=True):
         assert cost in values
@@ -148,6 +149,20 @@ def test_local_search_replicates_a_whole_batch():
     devices = local_search(instance, batches, start, time_limit=5)
     assert placement_cost(instance, start) == 1.0
     assert approx_eq(placement_cost(instance, devices), 0.5)
+
+
+def test_local_search_crosses_a_plateau_by_spread():
+    """No swap or move lowers this start's cost, but a cost-neutral swap that separates experts of
+    the same tokens (lower spread) opens an improving one: one descent (no perturbation) finds it."""
+    instance = PlacementInstance(num_experts=8, num_devices=4, slots_per_device=2, batch_size=1,
+                                 trace=[[0, 4, 6, 7], [0, 1, 4, 5], [0, 3, 6, 7], [0, 1, 2, 4], [0, 1, 5, 6],
+                                        [0, 3, 4, 6]])
+    batches = aggregate(instance)
+    start = [[2, 4], [3, 7], [5, 6], [0, 1]]
+    state = _Search(instance, batches, start, None, 0.0)
+    assert all(state.best_pair_move(a, b)[0] >= 0 for a, b in itertools.combinations(range(4), 2))
+    devices = local_search(instance, batches, start, time_limit=5, patience=0)
+    assert placement_cost(instance, devices) < placement_cost(instance, start) - 0.1
 
 
 @pytest.fixture(scope="module")
