@@ -6,8 +6,8 @@ Objective: the 3.2 cost + migration_weight * transfers(current, placement) (see
     expert into a free slot of the other device (replica shares unchanged, so only the two
     columns of the per-batch loads change: vectorised over all candidates of the pair);
   * with spare slots: add a replica of an expert to a free slot, or drop one (the expert's
-    share 1/r changes on all of its hosts); when neither improves, replicate every single-hosted
-    expert of one heavy batch at once.
+    share 1/r changes on all of its hosts); when neither improves, hand a replica's slot to
+    another expert, or else replicate every single-hosted expert of one heavy batch at once.
 Best-improvement per pair, until no move improves; where no pair move changes the objective, the
 one that lowers the spread sum_u w[u] sum_d loads[u, d]^2 most (at b = 1 that counts the pairs of
 a token's experts sharing a device, so plateau moves head for tokens with all experts apart).
@@ -157,6 +157,28 @@ class _Search:
             self.copies[e] += 1
         self.refresh(set(hosting) | {d})
 
+    def best_replica_transfer(self) -> tuple[float, list[tuple[str, int, int]]]:
+        """(change of objective, replica moves): a replica of one expert on device d gives way to a
+        new replica of another expert on d. With every slot taken, replicas change hands only
+        this way (a drop alone loses, an add alone has no room)."""
+        best: tuple[float, list[tuple[str, int, int]]] = (np.inf, [])
+        now = float(self.w @ self.loads.max(axis=1))
+        for e in np.flatnonzero(self.copies >= 2):
+            for d in [h for h in range(self.G) if e in self.hosts[h]]:
+                self.apply_replica_move("drop", e, d)
+                for f in range(self.E):
+                    if f == e or f in self.hosts[d]:
+                        continue
+                    hosting, r, c = [h for h in range(self.G) if f in self.hosts[h]], self.copies[f], self.counts[:, f]
+                    trial = self.loads.copy()
+                    trial[:, hosting] += (c * (1 / (r + 1) - 1 / r))[:, None]
+                    trial[:, d] += c / (r + 1)
+                    change = (float(self.w @ trial.max(axis=1)) - now + self.transfer_price[f, d]
+                              - self.transfer_price[e, d])
+                    best = min(best, (change, [("drop", int(e), d), ("add", f, d)]), key=lambda t: t[0])
+                self.apply_replica_move("add", e, d)
+        return best
+
     def best_batch_replication(self, candidates: int = 16) -> tuple[float, list[tuple[str, int, int]]]:
         """(change of objective, replica moves): every single-hosted expert of one heavy batch gets a
         replica at once (one replica alone rarely lowers a batch's cost, so single additions stall
@@ -214,11 +236,13 @@ def _descend(state: _Search, rng: np.random.Generator, deadline: float) -> None:
                 state.apply_replica_move(*move)
                 improved = True
             else:
-                change, moves = state.best_batch_replication()
-                if change < -_EPS:
-                    for move in moves:
-                        state.apply_replica_move(*move)
-                    improved = True
+                for neighbourhood in (state.best_replica_transfer, state.best_batch_replication):
+                    change, moves = neighbourhood()
+                    if change < -_EPS:
+                        for move in moves:
+                            state.apply_replica_move(*move)
+                        improved = True
+                        break
 
 
 def local_search(

@@ -151,6 +151,18 @@ def test_local_search_replicates_a_whole_batch():
     assert approx_eq(placement_cost(instance, devices), 0.5)
 
 
+def test_local_search_hands_a_replica_slot_to_another_expert():
+    """Every slot is taken and expert 0 deserves a third copy: no swap, add, drop or batch move
+    helps (dropping a replica alone loses), only handing expert 2's spare copy to expert 0."""
+    instance = PlacementInstance(num_experts=3, num_devices=3, slots_per_device=2, batch_size=1,
+                                 trace=[[0]] * 10 + [[1]] * 2 + [[2]] * 2)
+    batches = aggregate(instance)
+    start = [[0, 1], [0, 2], [1, 2]]
+    devices = local_search(instance, batches, start, time_limit=5)
+    assert placement_cost(instance, start) == 0.5
+    assert approx_eq(placement_cost(instance, devices), (10 / 3 + 2 / 2 + 2) / 14)
+
+
 def test_local_search_crosses_a_plateau_by_spread():
     """No swap or move lowers this start's cost, but a cost-neutral swap that separates experts of
     the same tokens (lower spread) opens an improving one: one descent (no perturbation) finds it."""
