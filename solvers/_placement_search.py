@@ -8,11 +8,12 @@ Objective: the 3.2 cost + migration_weight * transfers(current, placement) (see
   * with spare slots: add a replica of an expert to a free slot, or drop one (the expert's
     share 1/r changes on all of its hosts); when neither improves, hand a replica's slot to
     another expert, or else replicate every single-hosted expert of one heavy batch at once.
-Best-improvement per pair, until no move improves; where no pair move changes the objective, the
-one that lowers the spread sum_u w[u] sum_d loads[u, d]^2 most (at b = 1 that counts the pairs of
-a token's experts sharing a device, so plateau moves head for tokens with all experts apart).
-Then a random perturbation (a few swaps) from the best placement, until `time_limit` or `patience`
-perturbations in a row bring nothing.
+Best-improvement per pair, until no move improves; then a random perturbation (a few swaps) from
+the best placement, until `time_limit` or `patience` perturbations in a row bring nothing. Then
+all of it again from the best placement with plateau moves: where no pair move changes the
+objective, the one that lowers the spread sum_u w[u] sum_d loads[u, d]^2 most (at b = 1 that
+counts the pairs of a token's experts sharing a device, so plateau moves head for tokens with all
+experts apart). The second round starts from the first's best, so it can only improve on it.
 """
 
 from __future__ import annotations
@@ -68,10 +69,11 @@ class _Search:
 
     # ---- pair moves: swap or move between devices a and b -----------------------------------
 
-    def best_pair_move(self, a: int, b: int) -> tuple[float, float, tuple[int | None, int | None]]:
-        """(change of objective, change of `spread`, (expert leaving a or None, expert leaving b or
-        None)): the move that lowers the objective most or, when none does, the objective-neutral
-        move that lowers the spread most."""
+    def best_pair_move(self, a: int, b: int, plateau: bool = False
+                       ) -> tuple[float, float, tuple[int | None, int | None]]:
+        """(change of objective, change of the spread, (expert leaving a or None, expert leaving b
+        or None)): the move that lowers the objective most or, when none does and `plateau`, the
+        objective-neutral move that lowers the spread most (see the module docstring)."""
         others = [d for d in range(self.G) if d not in (a, b)]
         rest = self.loads[:, others].max(axis=1) if others else np.zeros(len(self.w))
         now = float(self.w @ np.maximum(rest, np.maximum(self.loads[:, a], self.loads[:, b])))
@@ -92,7 +94,7 @@ class _Search:
         if change.size == 0:
             return np.inf, np.inf, (None, None)
         i, j = np.unravel_index(np.argmin(change), change.shape)
-        if change[i, j] < -_EPS:
+        if change[i, j] < -_EPS or not plateau:
             return float(change[i, j]), 0.0, (out_a[i], out_b[j])
         la, lb = self.loads[:, a, None, None], self.loads[:, b, None, None]
         spread = np.einsum("u,uij->ij", self.w, (la + delta) ** 2 + (lb - delta) ** 2 - la ** 2 - lb ** 2)
@@ -218,15 +220,16 @@ class _Search:
             self.apply_pair_move(int(a), int(b), int(rng.choice(only_a)), int(rng.choice(only_b)))
 
 
-def _descend(state: _Search, rng: np.random.Generator, deadline: float) -> None:
-    """Apply improving moves until none is left (or time is up)."""
+def _descend(state: _Search, rng: np.random.Generator, deadline: float, plateau: bool) -> None:
+    """Apply improving moves (with `plateau`, also pair moves that keep the objective and lower the
+    spread) until none is left (or time is up)."""
     pairs = list(itertools.combinations(range(state.G), 2))
     improved = True
     while improved and time.perf_counter() < deadline:
         improved = False
         for k in rng.permutation(len(pairs)):
             a, b = pairs[k]
-            change, spread, (leave_a, leave_b) = state.best_pair_move(a, b)
+            change, spread, (leave_a, leave_b) = state.best_pair_move(a, b, plateau)
             if change < -_EPS or spread < -_EPS:
                 state.apply_pair_move(a, b, leave_a, leave_b)
                 improved = True
@@ -263,19 +266,29 @@ def local_search(
     deadline = time.perf_counter() + time_limit
     rng = np.random.default_rng(seed)
     state = _Search(instance, batches, start, current, migration_weight)
-    _descend(state, rng, deadline)
-    best, best_value, idle = state.devices(), state.objective(), 0
     with tqdm(desc="local search", disable=not progress, leave=False) as bar:
-        while idle < patience and time.perf_counter() < deadline:
-            for _ in range(int(rng.integers(1, 4))):
-                state.random_swap(rng)
-            _descend(state, rng, deadline)
-            value = state.objective()
-            if value < best_value - _EPS:
-                best, best_value, idle = state.devices(), value, 0
-            else:
-                idle += 1
-                state.load(best)
-            bar.update(1)
-            bar.set_postfix(objective=f"{best_value:.4f}")
+        for plateau in (False, True):  # the plain search, then on from its best with plateau moves
+            best = _iterate(state, rng, deadline, patience, plateau, bar)
+            state.load(best)
+    return best
+
+
+def _iterate(state: _Search, rng: np.random.Generator, deadline: float, patience: int, plateau: bool,
+             bar: tqdm) -> Devices:
+    """Descend, then perturb the best placement (a few random swaps) and descend again until
+    `patience` perturbations in a row bring nothing (or time is up); the best placement seen."""
+    _descend(state, rng, deadline, plateau)
+    best, best_value, idle = state.devices(), state.objective(), 0
+    while idle < patience and time.perf_counter() < deadline:
+        for _ in range(int(rng.integers(1, 4))):
+            state.random_swap(rng)
+        _descend(state, rng, deadline, plateau)
+        value = state.objective()
+        if value < best_value - _EPS:
+            best, best_value, idle = state.devices(), value, 0
+        else:
+            idle += 1
+            state.load(best)
+        bar.update(1)
+        bar.set_postfix(objective=f"{best_value:.4f}")
     return best
