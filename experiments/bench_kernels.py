@@ -1,4 +1,4 @@
-"""Benchmark the Pallas grouped matmul against jax.lax.ragged_dot.
+"""Benchmark the Pallas grouped matmul against jax.lax.ragged_dot, forward and backward.
 
     python experiments/bench_kernels.py [--quick] [--repeats 20]
 
@@ -6,7 +6,9 @@ On GPU the kernel is compiled (Triton), the sizes are MoE-sized and several tili
 (the summary keeps the fastest per size); elsewhere it runs in interpret mode on tiny sizes (a
 correctness smoke run, not a speed comparison). Group sizes are random
 (multinomial over Zipf-skewed expert popularity, a quarter of the experts left empty). Resumable:
-rows already in experiments/results/bench_kernels.json (same backend and size) are skipped.
+rows already in experiments/results/bench_kernels.json (same backend, size and pass) are skipped.
+The backward pass is the gradient in lhs and rhs of sum(out * cotangent): the kernel's custom VJP
+(the kernel again and the transposed kernel) against ragged_dot's own gradient.
 Writes bench_kernels.json and bench_kernels.md with median times.
 """
 
@@ -48,46 +50,59 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_row(size: tuple[int, int, int, int], dtype: str, tiling: Tiling, repeats: int, seed: int) -> dict:
+def bench_row(size: tuple[int, int, int, int], dtype: str, tiling: Tiling, repeats: int, seed: int,
+              backward: bool) -> dict:
     m, k, n, num_groups = size
     rng = np.random.default_rng(seed)
     lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
     rhs = jnp.asarray(rng.normal(size=(num_groups, k, n)) / np.sqrt(k), dtype)
     sizes = jnp.asarray(group_sizes(rng, m, num_groups))
-    kernel = jax.jit(lambda a, b, g: grouped_matmul(a, b, g, tiling=tiling, preferred_element_type=jnp.float32))
-    reference = jax.jit(grouped_matmul_reference)
-    out, ref = kernel(lhs, rhs, sizes), reference(lhs, rhs, sizes).astype(jnp.float32)
-    kernel_s = median_seconds(lambda: kernel(lhs, rhs, sizes), repeats)
-    reference_s = median_seconds(lambda: reference(lhs, rhs, sizes), repeats)
-    flops = 2.0 * m * k * n
+    cotangent = jnp.asarray(rng.normal(size=(m, n)), dtype)
+
+    def timed(matmul):
+        if not backward:
+            return jax.jit(lambda a, b: matmul(a, b, sizes).astype(jnp.float32))
+        loss = lambda a, b: jnp.sum(matmul(a, b, sizes).astype(jnp.float32) * cotangent)  # noqa: E731
+        return jax.jit(lambda a, b: jnp.concatenate([g.astype(jnp.float32).ravel()
+                                                     for g in jax.grad(loss, argnums=(0, 1))(a, b)]))
+
+    kernel = timed(lambda a, b, g: grouped_matmul(a, b, g, tiling=tiling, preferred_element_type=jnp.float32))
+    reference = timed(grouped_matmul_reference)
+    out, ref = kernel(lhs, rhs), reference(lhs, rhs)
+    kernel_s = median_seconds(lambda: kernel(lhs, rhs), repeats)
+    reference_s = median_seconds(lambda: reference(lhs, rhs), repeats)
+    flops = (6.0 if backward else 2.0) * m * k * n  # gradient: the forward product and two more
     return {"backend": jax.default_backend(), "compiled": compiled_backend(), "m": m, "k": k, "n": n,
             "groups": num_groups, "empty_groups": int((np.asarray(sizes) == 0).sum()), "dtype": dtype,
+            "pass": "backward" if backward else "forward",
             "tiling": list(tiling), "kernel_s": kernel_s, "ragged_dot_s": reference_s,
             "speedup": reference_s / kernel_s, "kernel_tflops": flops / kernel_s / 1e12,
             "max_abs_error": float(jnp.abs(out - ref).max()), "max_abs_ref": float(jnp.abs(ref).max())}
 
 
 def key(row: dict) -> tuple:
-    return row["backend"], row["m"], row["k"], row["n"], row["groups"], row["dtype"], tuple(row["tiling"])
+    return (row["backend"], row["m"], row["k"], row["n"], row["groups"], row["dtype"], row.get("pass", "forward"),
+            tuple(row["tiling"]))
 
 
 def write_markdown(rows: list[dict], path: Path) -> None:
-    header = ("| backend | compiled | m | k | n | groups (empty) | dtype | kernel ms | ragged_dot ms | speedup | "
-              "kernel TFLOP/s | max abs err |")
-    lines = [header, "|" + "---|" * 12]
+    header = ("| backend | compiled | m | k | n | groups (empty) | dtype | pass | kernel ms | ragged_dot ms | "
+              "speedup | kernel TFLOP/s | max abs err |")
+    lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['compiled']} | {r['m']} | {r['k']} | {r['n']} | {r['groups']} "
-                     f"({r['empty_groups']}) | {r['dtype']} | {1e3 * r['kernel_s']:.3f} | "
+                     f"({r['empty_groups']}) | {r['dtype']} | {r.get('pass', 'forward')} | {1e3 * r['kernel_s']:.3f} | "
                      f"{1e3 * r['ragged_dot_s']:.3f} | {r['speedup']:.2f} | {r['kernel_tflops']:.3f} | "
                      f"{r['max_abs_error']:.2e} |")
     best = {}
     for r in rows:
-        size = (r["backend"], r["m"], r["k"], r["n"], r["groups"], r["dtype"])
+        size = (r["backend"], r["m"], r["k"], r["n"], r["groups"], r["dtype"], r.get("pass", "forward"))
         if size not in best or r["kernel_s"] < best[size]["kernel_s"]:
             best[size] = r
-    summary = ["| backend | m | k | n | groups | dtype | best tiling (m, k, n, warps, stages) | kernel ms | "
-               "ragged_dot ms | speedup |", "|" + "---|" * 10]
+    summary = ["| backend | m | k | n | groups | dtype | pass | best tiling (m, k, n, warps, stages) | kernel ms | "
+               "ragged_dot ms | speedup |", "|" + "---|" * 11]
     summary += [f"| {r['backend']} | {r['m']} | {r['k']} | {r['n']} | {r['groups']} | {r['dtype']} | "
+                f"{r.get('pass', 'forward')} | "
                 f"{tuple(r['tiling'])} | {1e3 * r['kernel_s']:.3f} | {1e3 * r['ragged_dot_s']:.3f} | "
                 f"{r['speedup']:.2f} |" for r in best.values()]
     path.write_text("Median times (jax.block_until_ready); speedup = ragged_dot time / kernel time.\n\n"
@@ -115,13 +130,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     repeats = 3 if args.quick else args.repeats
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {key(r) for r in rows}
-    jobs = [(i, size, tiling) for i, size in enumerate(sizes) for tiling in tilings]
-    for i, size, tiling in tqdm(jobs, desc=f"grouped matmul on {jax.default_backend()}"):
+    jobs = [(i, size, tiling, backward) for i, size in enumerate(sizes) for tiling in tilings
+            for backward in (False, True)]
+    for i, size, tiling, backward in tqdm(jobs, desc=f"grouped matmul on {jax.default_backend()}"):
         probe = {"backend": jax.default_backend(), "m": size[0], "k": size[1], "n": size[2], "groups": size[3],
-                 "dtype": dtype, "tiling": list(tiling)}
+                 "dtype": dtype, "pass": "backward" if backward else "forward", "tiling": list(tiling)}
         if key(probe) in done:
             continue
-        rows.append(bench_row(size, dtype, tiling, repeats, seed=i))
+        rows.append(bench_row(size, dtype, tiling, repeats, seed=i, backward=backward))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     write_markdown(rows, args.out.with_suffix(".md"))

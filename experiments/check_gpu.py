@@ -4,7 +4,8 @@
 
 Needs a GPU (`jax.default_backend() == "gpu"`); CPU runs are covered by the tests.
 1. Kernel: the compiled grouped matmul against `jax.lax.ragged_dot` on random group sizes (empty
-   groups, rows past the groups, sizes that are not multiples of the tiles), float32 and bfloat16.
+   groups, rows past the groups, sizes that are not multiples of the tiles), float32 and bfloat16;
+   output and gradients in lhs and rhs (the custom VJP and its transposed kernel).
 2. MoE layer: all experts on the one device of a 1-device "expert" mesh, with the compiled kernel
    (the default on GPU) and with `ragged_dot`: output against the dense reference, measured loads
    against formats.md 3.2's batch loads.
@@ -36,6 +37,11 @@ KERNEL_CASES = [  # (group sizes, spare rows, k, n)
 ]
 
 
+def _relative_error(got: jax.Array, want: jax.Array) -> float:
+    got, want = jnp.asarray(got, jnp.float32), jnp.asarray(want, jnp.float32)
+    return float(jnp.abs(got - want).max() / max(1.0, float(jnp.abs(want).max())))
+
+
 def kernel_rows(seed: int = 0) -> list[dict]:
     rows = []
     for i, (sizes, spare, k, n) in enumerate(KERNEL_CASES):
@@ -45,13 +51,24 @@ def kernel_rows(seed: int = 0) -> list[dict]:
             lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
             rhs = jnp.asarray(rng.normal(size=(len(sizes), k, n)) / np.sqrt(k), dtype)
             groups = jnp.asarray(sizes, jnp.int32)
+            cotangent = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+
+            def gradients(matmul):
+                loss = lambda a, b: jnp.sum(matmul(a, b).astype(jnp.float32) * cotangent)  # noqa: E731
+                return jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+
+            ref = grouped_matmul_reference(lhs, rhs, groups).astype(jnp.float32)
+            ref_grads = gradients(lambda a, b: grouped_matmul_reference(a, b, groups))
             for tiling in (Tiling(16, 16, 16), Tiling(64, 64, 128)):
-                out = grouped_matmul(lhs, rhs, groups, tiling=tiling, preferred_element_type=jnp.float32)
-                ref = grouped_matmul_reference(lhs, rhs, groups).astype(jnp.float32)
-                error = float(jnp.abs(out - ref).max() / max(1.0, float(jnp.abs(ref).max())))
+                kernel = lambda a, b: grouped_matmul(a, b, groups, tiling=tiling,  # noqa: E731
+                                                     preferred_element_type=jnp.float32)
+                out = kernel(lhs, rhs)
+                error = _relative_error(out, ref)
+                grad_error = max(_relative_error(g, r) for g, r in zip(gradients(kernel), ref_grads))
+                tail_zero = not bool(jnp.any(out[sum(sizes):]))
                 rows.append({"groups": sizes, "m": m, "k": k, "n": n, "dtype": dtype, "tiling": list(tiling),
-                             "relative_error": error, "tail_zero": not bool(jnp.any(out[sum(sizes):])),
-                             "ok": error <= tolerance and not bool(jnp.any(out[sum(sizes):]))})
+                             "relative_error": error, "gradient_relative_error": grad_error, "tail_zero": tail_zero,
+                             "ok": error <= tolerance and grad_error <= tolerance and tail_zero})
     return rows
 
 

@@ -10,6 +10,11 @@ here owns its output tile and loops over the groups that intersect its rows, kee
 each group with a mask. Output tiles are written exactly once, so programs are independent and the
 kernel needs no scalar prefetch: it lowers with Triton on GPU and runs in interpret mode anywhere.
 Empty groups are skipped; a tile past the last grouped row writes zeros.
+
+Differentiable in lhs and rhs (a custom VJP, megablox's gmm/tgmm pair): d lhs is this kernel on
+d out and the transposed rhs; d rhs[g] = lhs[rows of g]^T @ d out[rows of g] is a second kernel,
+`transposed_grouped_matmul`, whose programs each own one (group, k tile, n tile) of the (E, k, n)
+result and loop over the row tiles of their group.
 """
 
 from __future__ import annotations
@@ -51,10 +56,15 @@ def _fit(tile: int, size: int, minimum: int) -> int:
     return max(minimum, min(tile, pl.next_power_of_2(size)))
 
 
+def _offsets(group_sizes: jax.Array) -> jax.Array:
+    """(E+1,) int32: group g owns rows offsets[g] to offsets[g + 1] - 1."""
+    return jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+
+
 def _tile_groups(group_sizes: jax.Array, tm: int, num_tiles: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Group offsets (E+1,) and, per row tile, the first and last group owning one of its rows."""
-    ends = jnp.cumsum(group_sizes)
-    offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), ends]).astype(jnp.int32)
+    offsets = _offsets(group_sizes)
+    ends = offsets[1:]
     first_row = jnp.arange(num_tiles, dtype=jnp.int32) * tm
     last_row = jnp.minimum(first_row + tm, ends[-1]) - 1
     first = jnp.searchsorted(ends, first_row, side="right").astype(jnp.int32)
@@ -64,7 +74,7 @@ def _tile_groups(group_sizes: jax.Array, tm: int, num_tiles: int) -> tuple[jax.A
 
 def _whole(shape: tuple[int, ...]) -> pl.BlockSpec:
     """The whole array in every program (small int32 metadata, read a scalar at a time)."""
-    return pl.BlockSpec(shape, lambda i, j: (0,) * len(shape))
+    return pl.BlockSpec(shape, lambda *program: (0,) * len(shape))
 
 
 def _kernel(offsets_ref, first_ref, last_ref, lhs_ref, rhs_ref, out_ref, *, tm: int, tk: int,
@@ -101,26 +111,83 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
     """``out[rows of group g] = lhs[rows of group g] @ rhs[g]`` for lhs (m, k), rhs (E, k, n).
 
     `group_sizes` (E,) int32 must sum to at most m. `interpret=None` compiles on GPU and interprets
-    elsewhere. Same result as ``jax.lax.ragged_dot(lhs, rhs, group_sizes)``. `precision` of the
-    float32 products: HIGHEST is IEEE float32 on GPU, DEFAULT lets Triton use TF32 (faster, about
-    1e-3 relative error); bfloat16 inputs are multiplied exactly either way.
+    elsewhere. Same result as ``jax.lax.ragged_dot(lhs, rhs, group_sizes)``, gradients included.
+    `precision` of the float32 products: HIGHEST is IEEE float32 on GPU, DEFAULT lets Triton use
+    TF32 (faster, about 1e-3 relative error); bfloat16 inputs are multiplied exactly either way.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1]:
         raise ValueError(f"grouped_matmul: expected lhs (m, k) and rhs (E, k, n), got {lhs.shape} and {rhs.shape}")
     if group_sizes.shape != (rhs.shape[0],):
         raise ValueError(f"grouped_matmul: group_sizes must have shape ({rhs.shape[0]},), got {group_sizes.shape}")
-    interpret = not compiled_backend() if interpret is None else interpret
+    options = _Options(tiling, not compiled_backend() if interpret is None else interpret, precision)
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
+    return _differentiable(options, jnp.dtype(out_dtype), lhs, rhs, group_sizes.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("tiling", "interpret", "preferred_element_type", "precision"))
+def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
+                              tiling: Tiling = DEFAULT_TILING, interpret: bool | None = None,
+                              preferred_element_type: jnp.dtype | None = None,
+                              precision: jax.lax.Precision = jax.lax.Precision.HIGHEST) -> jax.Array:
+    """``out[g] = lhs[rows of group g]^T @ dout[rows of group g]`` for lhs (m, k), dout (m, n): the
+    (E, k, n) gradient of `grouped_matmul` in rhs. Empty groups give zeros."""
+    if lhs.ndim != 2 or dout.ndim != 2 or lhs.shape[0] != dout.shape[0]:
+        raise ValueError(f"transposed_grouped_matmul: expected lhs (m, k) and dout (m, n), got {lhs.shape} and "
+                         f"{dout.shape}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"transposed_grouped_matmul: group_sizes must be 1-D, got shape {group_sizes.shape}")
+    options = _Options(tiling, not compiled_backend() if interpret is None else interpret, precision)
+    out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype)
+    return _transposed(options, jnp.dtype(out_dtype), lhs, dout, group_sizes.astype(jnp.int32))
+
+
+class _Options(NamedTuple):
+    tiling: Tiling
+    interpret: bool
+    precision: jax.lax.Precision
+
+    def tiles(self, *sizes: int) -> list[int]:
+        """Tiles (m, k, n order) fitted to the sizes; Triton's dot needs tiles of at least 16."""
+        minimum = 1 if self.interpret else 16
+        return [_fit(tile, size, minimum) for tile, size in zip(self.tiling[:3], sizes)]
+
+    def compiler_params(self):
+        return None if self.interpret else pl_triton.CompilerParams(num_warps=self.tiling.warps,
+                                                                    num_stages=self.tiling.stages)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _differentiable(options: _Options, out_dtype: jnp.dtype, lhs: jax.Array, rhs: jax.Array,
+                    group_sizes: jax.Array) -> jax.Array:
+    return _forward(options, out_dtype, lhs, rhs, group_sizes)
+
+
+def _differentiable_fwd(options, out_dtype, lhs, rhs, group_sizes):
+    return _forward(options, out_dtype, lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+
+
+def _differentiable_bwd(options, out_dtype, residuals, dout):
+    """Rows past the groups had zero outputs, so they get zero gradients from both products."""
+    lhs, rhs, group_sizes = residuals
+    dlhs = _forward(options, lhs.dtype, dout, jnp.swapaxes(rhs, 1, 2), group_sizes)
+    drhs = _transposed(options, rhs.dtype, lhs, dout, group_sizes)
+    return dlhs, drhs, None
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+
+def _forward(options: _Options, out_dtype: jnp.dtype, lhs: jax.Array, rhs: jax.Array,
+             group_sizes: jax.Array) -> jax.Array:
     (m, k), n = lhs.shape, rhs.shape[2]
-    minimum = 1 if interpret else 16  # Triton's dot needs tiles of at least 16
-    tm, tk, tn = _fit(tiling.m, m, minimum), _fit(tiling.k, k, minimum), _fit(tiling.n, n, minimum)
+    tm, tk, tn = options.tiles(m, k, n)
     mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
     lhs = jnp.pad(lhs, ((0, mp - m), (0, kp - k)))
     rhs = jnp.pad(rhs, ((0, 0), (0, kp - k), (0, np_ - n)))
     num_groups = rhs.shape[0]
-    offsets, first, last = _tile_groups(group_sizes.astype(jnp.int32), tm, mp // tm)
+    offsets, first, last = _tile_groups(group_sizes, tm, mp // tm)
     out = pl.pallas_call(
-        functools.partial(_kernel, tm=tm, tk=tk, k_tiles=kp // tk, precision=precision),
+        functools.partial(_kernel, tm=tm, tk=tk, k_tiles=kp // tk, precision=options.precision),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid=(mp // tm, np_ // tn),
         in_specs=[
@@ -131,12 +198,51 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
             pl.BlockSpec((num_groups, kp, tn), lambda i, j: (0, 0, j)),
         ],
         out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
-        interpret=interpret,
-        compiler_params=None if interpret else pl_triton.CompilerParams(num_warps=tiling.warps,
-                                                                        num_stages=tiling.stages),
+        interpret=options.interpret,
+        compiler_params=options.compiler_params(),
         name="grouped_matmul",
     )(offsets, first, last, lhs, rhs)
     return out[:m, :n]
+
+
+def _transposed_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, precision: jax.lax.Precision):
+    g = pl.program_id(0)
+    start, end = offsets_ref[g], offsets_ref[g + 1]
+
+    def row_tile(t, acc):
+        rows = t * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
+        x = jnp.where((rows >= start) & (rows < end), lhs_ref[pl.ds(t * tm, tm), :], 0)
+        dy = dout_ref[pl.ds(t * tm, tm), :]
+        return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), precision=precision,
+                                         preferred_element_type=jnp.float32)
+
+    zeros = jnp.zeros(out_ref.shape, jnp.float32)
+    acc = jax.lax.fori_loop(start // tm, jnp.where(end > start, (end - 1) // tm + 1, 0), row_tile, zeros)
+    out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _transposed(options: _Options, out_dtype: jnp.dtype, lhs: jax.Array, dout: jax.Array,
+                group_sizes: jax.Array) -> jax.Array:
+    (m, k), n, num_groups = lhs.shape, dout.shape[1], group_sizes.shape[0]
+    tm, tk, tn = options.tiles(m, k, n)
+    mp, kp, np_ = _round_up(m, tm), _round_up(k, tk), _round_up(n, tn)
+    lhs = jnp.pad(lhs, ((0, mp - m), (0, kp - k)))
+    dout = jnp.pad(dout, ((0, mp - m), (0, np_ - n)))
+    out = pl.pallas_call(
+        functools.partial(_transposed_kernel, tm=tm, precision=options.precision),
+        out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
+        grid=(num_groups, kp // tk, np_ // tn),
+        in_specs=[
+            _whole((num_groups + 1,)),
+            pl.BlockSpec((mp, tk), lambda g, i, j: (0, i)),
+            pl.BlockSpec((mp, tn), lambda g, i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((pl.squeezed, tk, tn), lambda g, i, j: (g, i, j)),
+        interpret=options.interpret,
+        compiler_params=options.compiler_params(),
+        name="transposed_grouped_matmul",
+    )(_offsets(group_sizes), lhs, dout)
+    return out[:, :k, :n]
 
 
 def grouped_matmul_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,

@@ -1,11 +1,19 @@
-"""The Pallas grouped matmul equals jax.lax.ragged_dot: compiled on GPU, in interpret mode elsewhere."""
+"""The Pallas grouped matmul equals jax.lax.ragged_dot, gradients included: compiled on GPU, in
+interpret mode elsewhere."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pipesched.kernels import Tiling, compiled_backend, grouped_matmul, grouped_matmul_reference
+from pipesched.kernels import (
+    Tiling,
+    compiled_backend,
+    grouped_matmul,
+    grouped_matmul_reference,
+    transposed_grouped_matmul,
+)
 
 TILING = Tiling(m=8, k=8, n=8)  # compiled, tiles grow to Triton's minimum of 16
 INTERPRET = not compiled_backend()
@@ -47,6 +55,42 @@ def test_rows_past_the_groups_are_zero_and_bfloat16_inputs_accumulate_in_float32
     rows_rhs = jnp.asarray(rhs, jnp.float32)[jnp.array([0, 0, 0, 2, 2, 2, 2])]
     expected = jnp.einsum("mk,mkn->mn", jnp.asarray(lhs[:7], jnp.float32), rows_rhs)
     np.testing.assert_allclose(out[:7], expected, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    group_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=5),
+    spare_rows=st.integers(0, 9),
+    k=st.integers(1, 20),
+    n=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_gradients_equal_ragged_dot_gradients(group_sizes, spare_rows, k, n, seed):
+    rng = np.random.default_rng(seed)
+    m = max(1, sum(group_sizes) + spare_rows)
+    lhs, rhs, sizes = _operands(rng, group_sizes, m, k, n)
+    cotangent = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+
+    def gradients(matmul, **kwargs):
+        return jax.grad(lambda a, b: jnp.sum(matmul(a, b, sizes, **kwargs) * cotangent), argnums=(0, 1))(lhs, rhs)
+
+    for got, want in zip(gradients(grouped_matmul, tiling=TILING, interpret=INTERPRET),
+                         gradients(grouped_matmul_reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_transposed_product_accumulates_bfloat16_in_float32_and_zeroes_empty_groups():
+    rng = np.random.default_rng(4)
+    lhs = jnp.asarray(rng.normal(size=(13, 16)), jnp.bfloat16)
+    dout = jnp.asarray(rng.normal(size=(13, 16)), jnp.bfloat16)
+    sizes = jnp.array([3, 0, 4, 0], jnp.int32)  # rows 7-12 belong to no group
+    out = transposed_grouped_matmul(lhs, dout, sizes, tiling=TILING, interpret=INTERPRET,
+                                    preferred_element_type=jnp.float32)
+    assert out.shape == (4, 16, 16) and out.dtype == jnp.float32
+    assert not np.any(np.asarray(out[1])) and not np.any(np.asarray(out[3]))
+    wide_lhs, wide_dout = jnp.asarray(lhs, jnp.float32), jnp.asarray(dout, jnp.float32)
+    np.testing.assert_allclose(out[0], wide_lhs[:3].T @ wide_dout[:3], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out[2], wide_lhs[3:7].T @ wide_dout[3:7], rtol=1e-5, atol=1e-4)
 
 
 def test_rejects_mismatched_shapes():
