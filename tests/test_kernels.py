@@ -25,14 +25,18 @@ def _operands(rng, group_sizes, m, k, n, dtype=jnp.float32):
     return lhs, rhs, jnp.asarray(group_sizes, jnp.int32)
 
 
-@settings(max_examples=10)
-@given(
+# random problems: group sizes (empty groups included), rows past the groups, feature sizes, seed
+RANDOM_PROBLEMS = given(
     group_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=6),
     spare_rows=st.integers(0, 9),
     k=st.integers(1, 20),
     n=st.integers(1, 20),
     seed=st.integers(0, 2**16),
 )
+
+
+@settings(max_examples=10)
+@RANDOM_PROBLEMS
 def test_equals_ragged_dot_on_random_group_sizes(group_sizes, spare_rows, k, n, seed):
     m = max(1, sum(group_sizes) + spare_rows)
     lhs, rhs, sizes = _operands(np.random.default_rng(seed), group_sizes, m, k, n)
@@ -57,14 +61,8 @@ def test_rows_past_the_groups_are_zero_and_bfloat16_inputs_accumulate_in_float32
     np.testing.assert_allclose(out[:7], expected, rtol=1e-5, atol=1e-4)
 
 
-@settings(max_examples=5, deadline=None)
-@given(
-    group_sizes=st.lists(st.integers(0, 12), min_size=1, max_size=5),
-    spare_rows=st.integers(0, 9),
-    k=st.integers(1, 20),
-    n=st.integers(1, 20),
-    seed=st.integers(0, 2**16),
-)
+@settings(max_examples=5)
+@RANDOM_PROBLEMS
 def test_gradients_equal_ragged_dot_gradients(group_sizes, spare_rows, k, n, seed):
     rng = np.random.default_rng(seed)
     m = max(1, sum(group_sizes) + spare_rows)
