@@ -66,9 +66,13 @@ class _Search:
     def devices(self) -> Devices:
         return [sorted(h) for h in self.hosts]
 
+    def cost(self) -> float:
+        """The 3.2 cost of the current placement."""
+        return float(self.w @ self.loads.max(axis=1))
+
     def objective(self) -> float:
         migration = sum(self.transfer_price[list(h), d].sum() for d, h in enumerate(self.hosts))
-        return float(self.w @ self.loads.max(axis=1)) + float(migration)
+        return self.cost() + float(migration)
 
     # ---- pair moves: swap or move between devices a and b -----------------------------------
 
@@ -129,7 +133,7 @@ class _Search:
 
     def best_replica_move(self) -> tuple[float, tuple[str, int, int]]:
         best: tuple[float, tuple[str, int, int]] = (np.inf, ("", -1, -1))
-        now = float(self.w @ self.loads.max(axis=1))
+        now = self.cost()
         for e in range(self.E):
             hosting = [d for d in range(self.G) if e in self.hosts[d]]
             r, c = len(hosting), self.counts[:, e]
@@ -167,7 +171,7 @@ class _Search:
         new replica of another expert on d. With every slot taken, replicas change hands only
         this way (a drop alone loses, an add alone has no room)."""
         best: tuple[float, list[tuple[str, int, int]]] = (np.inf, [])
-        now = float(self.w @ self.loads.max(axis=1))
+        now = self.cost()
         for e in np.flatnonzero(self.copies >= 2):
             for d in [h for h in range(self.G) if e in self.hosts[h]]:
                 self.apply_replica_move("drop", e, d)
@@ -275,17 +279,14 @@ def local_search(
             state.load(start)
             found.append(_iterate(state, np.random.default_rng(seed), begin + share * time_limit, patience,
                                   plateau, bar))
-    values = []
-    for devices in found:
-        state.load(devices)
-        values.append(state.objective())
-    return found[int(np.argmin(values))]
+    return min(found, key=lambda pair: pair[1])[0]
 
 
 def _iterate(state: _Search, rng: np.random.Generator, deadline: float, patience: int, plateau: bool,
-             bar: tqdm) -> Devices:
+             bar: tqdm) -> tuple[Devices, float]:
     """Descend, then perturb the best placement (a few random swaps) and descend again until
-    `patience` perturbations in a row bring nothing (or time is up); the best placement seen."""
+    `patience` perturbations in a row bring nothing (or time is up); the best placement seen and
+    its objective."""
     _descend(state, rng, deadline, plateau)
     best, best_value, idle = state.devices(), state.objective(), 0
     while idle < patience and time.perf_counter() < deadline:
@@ -300,4 +301,4 @@ def _iterate(state: _Search, rng: np.random.Generator, deadline: float, patience
             state.load(best)
         bar.update(1)
         bar.set_postfix(objective=f"{best_value:.4f}")
-    return best
+    return best, best_value
