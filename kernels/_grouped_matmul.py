@@ -167,8 +167,11 @@ def _differentiable_fwd(options, out_dtype, lhs, rhs, group_sizes):
 
 
 def _differentiable_bwd(options, out_dtype, residuals, dout):
-    """Rows past the groups had zero outputs, so they get zero gradients from both products."""
+    """Rows past the groups had zero outputs, so they get zero gradients from both products. The
+    cotangent is cast to the operands' dtype, as megablox does: bfloat16 operands keep bfloat16
+    products (accumulated in float32) in the backward pass too."""
     lhs, rhs, group_sizes = residuals
+    dout = dout.astype(jnp.promote_types(lhs.dtype, rhs.dtype))
     dlhs = _forward(options, lhs.dtype, dout, jnp.swapaxes(rhs, 1, 2), group_sizes)
     drhs = _transposed(options, rhs.dtype, lhs, dout, group_sizes)
     return dlhs, drhs, None
@@ -213,8 +216,9 @@ def _transposed_kernel(offsets_ref, lhs_ref, dout_ref, out_ref, *, tm: int, prec
         rows = t * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)
         x = jnp.where((rows >= start) & (rows < end), lhs_ref[pl.ds(t * tm, tm), :], 0)
         dy = dout_ref[pl.ds(t * tm, tm), :]
-        return acc + jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32)
+        common = jnp.promote_types(x.dtype, dy.dtype)  # (Triton multiplies equal types only)
+        return acc + jax.lax.dot_general(x.astype(common), dy.astype(common), (((0,), (0,)), ((), ())),
+                                         precision=precision, preferred_element_type=jnp.float32)
 
     zeros = jnp.zeros(out_ref.shape, jnp.float32)
     acc = jax.lax.fori_loop(start // tm, jnp.where(end > start, (end - 1) // tm + 1, 0), row_tile, zeros)

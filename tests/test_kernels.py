@@ -77,6 +77,22 @@ def test_gradients_equal_ragged_dot_gradients(group_sizes, spare_rows, k, n, see
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_gradients_of_float32_outputs_stay_close_to_ragged_dot():
+    rng = np.random.default_rng(5)
+    lhs, rhs, sizes = _operands(rng, [5, 0, 9, 2], 20, 16, 16, jnp.bfloat16)
+    cotangent = jnp.asarray(rng.normal(size=(20, 16)), jnp.float32)
+
+    def gradients(matmul, **kwargs):
+        loss = lambda a, b: jnp.sum(matmul(a, b, sizes, **kwargs).astype(jnp.float32) * cotangent)  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+
+    got = gradients(grouped_matmul, tiling=TILING, interpret=INTERPRET, preferred_element_type=jnp.float32)
+    for g, want in zip(got, gradients(grouped_matmul_reference)):
+        assert g.dtype == jnp.bfloat16
+        scale = float(jnp.abs(want.astype(jnp.float32)).max())
+        np.testing.assert_allclose(g.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2 * scale, rtol=0)
+
+
 def test_transposed_product_accumulates_bfloat16_in_float32_and_zeroes_empty_groups():
     rng = np.random.default_rng(4)
     lhs = jnp.asarray(rng.normal(size=(13, 16)), jnp.bfloat16)
