@@ -284,3 +284,16 @@ def test_bench_drops_stale_rows_and_rejects_contradictions():
     wrong_claim = dict(rows[0], status="optimal", cost=rows[1]["cost"] + 0.5)
     with pytest.raises(RuntimeError, match="claims optimal"):
         bench.check_consistency([wrong_claim, rows[1]])
+
+
+def test_spread_estimate_counts_bits_of_spreading_a_token(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    estimate = importlib.import_module("spread_estimate")
+    trace = [(0, 1), (2, 3), (0, 1), (3, 2), (0, 2), (1, 3)]
+    clusters, loners = estimate.clusters_and_loners(trace, 4)
+    assert sorted(clusters) == [(0, 1), (2, 3)] and sorted(loners) == [(0, 2), (1, 3)]
+    # each cluster is a random permutation of 2 devices: experts 0 and 2 are apart half the time
+    bits = estimate.spread_bits(clusters, loners, 2, 20_000, np.random.default_rng(0))
+    np.testing.assert_allclose(bits, [1.0, 1.0], atol=0.05)
+    with pytest.raises(ValueError, match="do not partition"):
+        estimate.clusters_and_loners([(0, 1), (0, 1), (1, 2), (1, 2)], 4)
