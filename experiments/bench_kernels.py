@@ -81,7 +81,7 @@ def bench_row(size: tuple[int, int, int, int], dtype: str, tiling: Tiling, repea
 
 
 def key(row: dict) -> tuple:
-    return (row["backend"], row["m"], row["k"], row["n"], row["groups"], row["dtype"], row.get("pass", "forward"),
+    return (row["backend"], row["m"], row["k"], row["n"], row["groups"], row["dtype"], row["pass"],
             tuple(row["tiling"]))
 
 
@@ -91,18 +91,18 @@ def write_markdown(rows: list[dict], path: Path) -> None:
     lines = [header, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['compiled']} | {r['m']} | {r['k']} | {r['n']} | {r['groups']} "
-                     f"({r['empty_groups']}) | {r['dtype']} | {r.get('pass', 'forward')} | {1e3 * r['kernel_s']:.3f} | "
+                     f"({r['empty_groups']}) | {r['dtype']} | {r['pass']} | {1e3 * r['kernel_s']:.3f} | "
                      f"{1e3 * r['ragged_dot_s']:.3f} | {r['speedup']:.2f} | {r['kernel_tflops']:.3f} | "
                      f"{r['max_abs_error']:.2e} |")
     best = {}
     for r in rows:
-        size = (r["backend"], r["m"], r["k"], r["n"], r["groups"], r["dtype"], r.get("pass", "forward"))
+        size = (r["backend"], r["m"], r["k"], r["n"], r["groups"], r["dtype"], r["pass"])
         if size not in best or r["kernel_s"] < best[size]["kernel_s"]:
             best[size] = r
     summary = ["| backend | m | k | n | groups | dtype | pass | best tiling (m, k, n, warps, stages) | kernel ms | "
                "ragged_dot ms | speedup |", "|" + "---|" * 11]
     summary += [f"| {r['backend']} | {r['m']} | {r['k']} | {r['n']} | {r['groups']} | {r['dtype']} | "
-                f"{r.get('pass', 'forward')} | "
+                f"{r['pass']} | "
                 f"{tuple(r['tiling'])} | {1e3 * r['kernel_s']:.3f} | {1e3 * r['ragged_dot_s']:.3f} | "
                 f"{r['speedup']:.2f} |" for r in best.values()]
     path.write_text("Median times (jax.block_until_ready); speedup = ragged_dot time / kernel time.\n\n"

@@ -119,7 +119,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
         raise ValueError(f"grouped_matmul: expected lhs (m, k) and rhs (E, k, n), got {lhs.shape} and {rhs.shape}")
     if group_sizes.shape != (rhs.shape[0],):
         raise ValueError(f"grouped_matmul: group_sizes must have shape ({rhs.shape[0]},), got {group_sizes.shape}")
-    options = _Options(tiling, not compiled_backend() if interpret is None else interpret, precision)
+    options = _Options.resolve(tiling, interpret, precision)
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype)
     return _differentiable(options, jnp.dtype(out_dtype), lhs, rhs, group_sizes.astype(jnp.int32))
 
@@ -136,7 +136,7 @@ def transposed_grouped_matmul(lhs: jax.Array, dout: jax.Array, group_sizes: jax.
                          f"{dout.shape}")
     if group_sizes.ndim != 1:
         raise ValueError(f"transposed_grouped_matmul: group_sizes must be 1-D, got shape {group_sizes.shape}")
-    options = _Options(tiling, not compiled_backend() if interpret is None else interpret, precision)
+    options = _Options.resolve(tiling, interpret, precision)
     out_dtype = preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype)
     return _transposed(options, jnp.dtype(out_dtype), lhs, dout, group_sizes.astype(jnp.int32))
 
@@ -145,6 +145,11 @@ class _Options(NamedTuple):
     tiling: Tiling
     interpret: bool
     precision: jax.lax.Precision
+
+    @classmethod
+    def resolve(cls, tiling: Tiling, interpret: bool | None, precision: jax.lax.Precision) -> _Options:
+        """`interpret=None`: compile on GPU, interpret elsewhere."""
+        return cls(tiling, not compiled_backend() if interpret is None else interpret, precision)
 
     def tiles(self, *sizes: int) -> list[int]:
         """Tiles (m, k, n order) fitted to the sizes; Triton's dot needs tiles of at least 16."""
