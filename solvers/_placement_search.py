@@ -131,11 +131,22 @@ class _Search:
 
     # ---- replica moves: add a replica to a free slot, or drop one ----------------------------
 
+    def hosts_of(self, e: int) -> list[int]:
+        return [d for d in range(self.G) if e in self.hosts[d]]
+
+    def _with_extra_replica(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the loads once e's current hosts carry 1/(r+1) of its tokens, the column a new host of
+        e adds): adding a replica of e on device d gives the first with the second added to d."""
+        r, c = self.copies[e], self.counts[:, e]
+        base = self.loads.copy()
+        base[:, self.hosts_of(e)] += (c * (1 / (r + 1) - 1 / r))[:, None]
+        return base, c / (r + 1)
+
     def best_replica_move(self) -> tuple[float, tuple[str, int, int]]:
         best: tuple[float, tuple[str, int, int]] = (np.inf, ("", -1, -1))
         now = self.cost()
         for e in range(self.E):
-            hosting = [d for d in range(self.G) if e in self.hosts[d]]
+            hosting = self.hosts_of(e)
             r, c = len(hosting), self.counts[:, e]
             if r >= 2:
                 base = self.loads.copy()
@@ -147,17 +158,16 @@ class _Search:
                     best = min(best, (change, ("drop", e, d)))
             targets = [d for d in range(self.G) if len(self.hosts[d]) < self.C and e not in self.hosts[d]]
             if targets:
-                base = self.loads.copy()
-                base[:, hosting] += (c * (1 / (r + 1) - 1 / r))[:, None]
+                base, column = self._with_extra_replica(e)
                 for d in targets:
                     trial = base.copy()
-                    trial[:, d] += c / (r + 1)
+                    trial[:, d] += column
                     change = float(self.w @ trial.max(axis=1)) - now + self.transfer_price[e, d]
                     best = min(best, (change, ("add", e, d)))
         return best
 
     def apply_replica_move(self, kind: str, e: int, d: int) -> None:
-        hosting = [h for h in range(self.G) if e in self.hosts[h]]
+        hosting = self.hosts_of(e)
         if kind == "drop":
             self.hosts[d].remove(e)
             self.copies[e] -= 1
@@ -173,15 +183,13 @@ class _Search:
         best: tuple[float, list[tuple[str, int, int]]] = (np.inf, [])
         now = self.cost()
         for e in np.flatnonzero(self.copies >= 2):
-            for d in [h for h in range(self.G) if e in self.hosts[h]]:
+            for d in self.hosts_of(e):
                 self.apply_replica_move("drop", e, d)
                 for f in range(self.E):
                     if f == e or f in self.hosts[d]:
                         continue
-                    hosting, r, c = [h for h in range(self.G) if f in self.hosts[h]], self.copies[f], self.counts[:, f]
-                    trial = self.loads.copy()
-                    trial[:, hosting] += (c * (1 / (r + 1) - 1 / r))[:, None]
-                    trial[:, d] += c / (r + 1)
+                    trial, column = self._with_extra_replica(f)
+                    trial[:, d] += column
                     change = (float(self.w @ trial.max(axis=1)) - now + self.transfer_price[f, d]
                               - self.transfer_price[e, d])
                     best = min(best, (change, [("drop", int(e), d), ("add", f, d)]), key=lambda t: t[0])
