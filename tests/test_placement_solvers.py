@@ -17,7 +17,7 @@ from pipesched.solvers._placement_cpsat import _cost_domains, _scaled_hosting, s
 from pipesched.solvers._placement_search import _Search, local_search
 
 from pipesched._common import approx_eq, approx_le
-from pipesched.placement import PlacementInstance, placement_cost, synthetic_traces, validate_placement
+from pipesched.placement import Placement, PlacementInstance, placement_cost, synthetic_traces, validate_placement
 
 HEURISTICS = [s for s in PLACEMENT_SOLVERS if s != "cpsat"]
 EPLB_WEIGHTS = [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86]
@@ -297,3 +297,18 @@ def test_spread_estimate_counts_bits_of_spreading_a_token(monkeypatch):
     np.testing.assert_allclose(bits, [1.0, 1.0], atol=0.05)
     with pytest.raises(ValueError, match="do not partition"):
         estimate.clusters_and_loners([(0, 1), (0, 1), (1, 2), (1, 2)], 4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_anneal_placement_keeps_placements_valid_and_tracks_their_cost(monkeypatch, batch_size):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    annealing = importlib.import_module("anneal_placement")
+    # spare slots, so that every kind of move (swap, retarget, shift, add, drop) is drawn
+    (instance,) = synthetic_traces(6, 3, 3, 2, 60, exponents=(1.0,), batch_size=batch_size, seed=3)
+    start = solve_placement(instance, "round-robin").schedule.devices
+    devices, cost = annealing.anneal(instance, start, 3000, seed=0)  # raises if its bookkeeping drifts
+    placement = Placement.from_devices(instance, devices, lower_bound=None, status="feasible", solver="anneal",
+                                       solve_time_s=0.0)
+    assert approx_eq(validate_placement(placement), cost)
+    assert approx_le(cost, placement_cost(instance, start))
+    assert approx_le(brute_force(instance), cost)
