@@ -36,6 +36,15 @@ def _shares(hosted: np.ndarray) -> np.ndarray:
     return hosted / hosted.sum(axis=1, keepdims=True)
 
 
+def _replica_copy(hosted: np.ndarray, rng: np.random.Generator) -> tuple[int, int] | None:
+    """A random copy (expert, device) of a replicated expert, or None when nothing is replicated."""
+    replicated = np.flatnonzero(hosted.sum(axis=1) > 1)
+    if not len(replicated):
+        return None
+    e = rng.choice(replicated)
+    return e, rng.choice(np.flatnonzero(hosted[e]))
+
+
 def _propose(hosted: np.ndarray, capacity: int, rng: np.random.Generator) -> np.ndarray | None:
     """A random valid neighbour of the (E, G) hosting matrix, or None when the draw is not a move."""
     E, G = hosted.shape
@@ -48,14 +57,13 @@ def _propose(hosted: np.ndarray, capacity: int, rng: np.random.Generator) -> np.
             return None
         new[e, d], new[e, d2], new[f, d2], new[f, d] = False, True, False, True
     elif kind < 0.8:  # retarget: a replica's copy on d becomes a copy of another expert f
-        replicated = np.flatnonzero(hosted.sum(axis=1) > 1)
-        if not len(replicated):
+        copy = _replica_copy(hosted, rng)
+        if copy is None:
             return None
-        e = rng.choice(replicated)
-        d, f = rng.choice(np.flatnonzero(hosted[e])), rng.integers(E)
-        if hosted[f, d]:
+        f = rng.integers(E)
+        if hosted[f, copy[1]]:
             return None
-        new[e, d], new[f, d] = False, True
+        new[copy], new[f, copy[1]] = False, True
     elif kind < 0.95:  # shift a copy, or (one time in three) add one, to a device with a free slot
         e, d2 = rng.integers(E), rng.integers(G)
         if hosted[e, d2] or hosted[:, d2].sum() >= capacity:
@@ -64,11 +72,10 @@ def _propose(hosted: np.ndarray, capacity: int, rng: np.random.Generator) -> np.
         if kind < 0.9:
             new[e, rng.choice(np.flatnonzero(hosted[e]))] = False
     else:  # drop a replica's copy
-        replicated = np.flatnonzero(hosted.sum(axis=1) > 1)
-        if not len(replicated):
+        copy = _replica_copy(hosted, rng)
+        if copy is None:
             return None
-        e = rng.choice(replicated)
-        new[e, rng.choice(np.flatnonzero(hosted[e]))] = False
+        new[copy] = False
     return new
 
 
