@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipesched._common import FormatError, as_mapping, in_file, read_json
+from pipesched._common import FormatError, as_mapping, in_file, read_json, show
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, validate_pipeline
 from pipesched.placement import Placement, PlacementInstance, validate_placement
 from pipesched.remat import RematInstance, RematSchedule, validate_remat
@@ -23,8 +23,8 @@ KINDS = {
 def from_dict(obj: Any) -> Any:
     obj = as_mapping(obj, "<root>")
     kind = obj.get("format")
-    if kind not in KINDS:
-        raise FormatError(f"format: expected one of {', '.join(KINDS)}; got {kind!r}")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise FormatError(f"format: expected one of {', '.join(KINDS)}; got {show(kind)}")
     return KINDS[kind].from_dict(obj)
 
 

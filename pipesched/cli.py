@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 from pipesched._common import FormatError, PipeschedError, ValidationError
 from pipesched._io import load, validate
 from pipesched.pipeline import (
-    DeadlockError,
     PipelineInstance,
     PipelineSchedule,
     format_grid,
@@ -20,22 +20,27 @@ from pipesched.pipeline import (
     simulate,
     torch_csv,
 )
-from pipesched.solvers import MemoryLimitError
 
 EXIT_INVALID, EXIT_BAD_INPUT = 1, 2
 
 
+def _error(message: object) -> None:
+    """One `error:` line on stderr (a newline inside a file name or value is folded)."""
+    print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+
+
 def _validate(args: argparse.Namespace) -> int:
+    """OK lines on stdout; one `error:` line per bad file on stderr, as every command prints them."""
     code = 0
     for path in args.files:
         try:
             check = validate(load(path))
-            print(f"OK       {path}: {check.kind}: {check.summary}")
+            print(f"OK {path}: {check.kind}: {check.summary}")
         except FormatError as e:
-            print(f"MALFORMED {e}")
+            _error(e)
             code = EXIT_BAD_INPUT
         except ValidationError as e:
-            print(f"INVALID  {path}: {e}")
+            _error(f"{path}: invalid: {e}")
             code = max(code, EXIT_INVALID)
     return code
 
@@ -78,7 +83,9 @@ def _simulate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     schedule = _load_schedule(args.schedule)
     validate(schedule)
-    Path(args.out).write_text(torch_csv(schedule))
+    from pipesched._common import atomic_write  # temp file + fsync + os.replace: never a partial CSV
+
+    atomic_write(Path(args.out), torch_csv(schedule))
     print(f"wrote {args.out}")
     return 0
 
@@ -101,49 +108,76 @@ def _solve(args: argparse.Namespace) -> int:
     if result.status == "infeasible" and args.kind == "pipeline":
         print(f"infeasible: {solvers.infeasibility_proof(instance)}")
     if args.out:
-        result.schedule.save(args.out)
-        print(f"wrote {args.out}")
+        result.schedule.save(args.out)  # atomic: an old file is replaced only by a complete one
+        if not result.interrupted:
+            print(f"wrote {args.out}")
+    if result.interrupted:  # Ctrl-C: the solver stopped and returned its best result so far
+        bound = "none" if result.lower_bound is None else f"{result.lower_bound:g}"
+        objective = {"pipeline": "makespan", "remat": "cost", "placement": "cost"}[args.kind]
+        found = f", {objective} {result.objective:g}" if result.status in ("optimal", "feasible") else ""
+        print(f"interrupted: {'wrote best result so far to ' + args.out if args.out else 'best result so far'} "
+              f"({result.status}{found}, bound {bound})", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report a Ctrl-C
     return 0
 
 
-def _placement_for(solver: str, devices: int) -> tuple[int, ...]:
-    """The stage placement a named schedule needs (one stage per device otherwise)."""
+def _placement_for(solver: str, devices: int, microbatches: int, split_backward: bool | None
+                   ) -> tuple[tuple[int, ...], bool]:
+    """(stage placement, split_backward) of the instance `solver` runs on. A zoo schedule gets the
+    first of the V, interleaved (2 chunks) and linear placements it can be built on (`zoo.supports`),
+    with `split_backward` as given, or fused when None and it allows, else split; the other solvers
+    get one stage per device. A given `split_backward` the schedule cannot run with is an error."""
     from pipesched.pipeline import zoo
 
-    if solver in ("interleaved-1f1b", "looped-bfs"):
-        return zoo.interleaved_placement(devices, 2)
-    if solver in ("zb-v", "v-half", "v-min", "dualpipe-v"):
-        return zoo.v_placement(devices)
-    return zoo.linear_placement(devices)
+    if solver not in zoo.ZOO:
+        return zoo.linear_placement(devices), bool(split_backward)
+    placements = (zoo.v_placement(devices), zoo.interleaved_placement(devices, 2), zoo.linear_placement(devices))
+    for split in (False, True) if split_backward is None else (split_backward, not split_backward):
+        for placement in placements:
+            shape = zoo.uniform_instance(devices, microbatches, 1, 1, int(split), placement=placement,
+                                         split_backward=split)
+            if not zoo.supports(solver, shape):
+                continue
+            if split_backward is not None and split != split_backward:
+                flag = "--split-backward" if split_backward else "--no-split-backward"
+                raise FormatError(f"{flag}: {solver} needs split_backward={split}; got P={devices}, "
+                                  f"placement {list(placement)}; drop the flag")
+            return placement, split
+    return zoo.linear_placement(devices), bool(split_backward)  # none fits: solving says why
 
 
 def _run(args: argparse.Namespace) -> int:
-    import jax
+    import contextlib
 
     if args.devices < 1:
         raise FormatError(f"--devices: must be >= 1, got {args.devices}")
     if args.data_parallel < 1:
         raise FormatError(f"--data-parallel: must be >= 1, got {args.data_parallel}")
-    jax.config.update("jax_num_cpu_devices", args.devices * args.data_parallel)  # CPU only; before the backend starts
+    if args.schedule:  # a bad schedule file is refused before JAX starts
+        schedule = _load_schedule(args.schedule)
+        validate(schedule)
+        if schedule.instance.num_devices != args.devices:
+            raise FormatError(f"{args.schedule}: instance.num_devices: the schedule is for "
+                              f"{schedule.instance.num_devices} devices, --devices is {args.devices}")
+    import jax
+
+    with contextlib.suppress(RuntimeError):  # CPU only, before the backend starts (a started one keeps its devices)
+        jax.config.update("jax_num_cpu_devices", args.devices * args.data_parallel)
     from pipesched import executor
     from pipesched._common import write_json
     from pipesched.solvers import solve_pipeline
 
     config = executor.ModelConfig(args.model)
     if args.schedule:
-        schedule = _load_schedule(args.schedule)
-        validate(schedule)
         inst = schedule.instance
-        if inst.num_devices != args.devices:
-            raise FormatError(f"{args.schedule}: instance.num_devices: the schedule is for {inst.num_devices} "
-                              f"devices, --devices is {args.devices}")
         timing = executor.profile_instance(config, [st.device for st in inst.stages], inst.num_microbatches,
                                            split_backward=inst.split_backward, allow_remat=inst.allow_remat)
         name = args.schedule
     else:
-        placement = _placement_for(args.solver, args.devices)
-        timing = executor.profile_instance(config, placement, args.microbatches or 2 * args.devices,
-                                           split_backward=args.split_backward, allow_remat=args.allow_remat)
+        microbatches = args.microbatches or 2 * args.devices
+        placement, split = _placement_for(args.solver, args.devices, microbatches, args.split_backward)
+        timing = executor.profile_instance(config, placement, microbatches, split_backward=split,
+                                           allow_remat=args.allow_remat)
         if args.memory_limit is not None:
             timing = timing.replace(memory_limit=tuple(
                 args.memory_limit * sum(timing.stages[s].activation for s in stages)
@@ -226,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--solver", help="profile the model, solve with this solver, run the result")
     p.add_argument("--memory-limit", type=float, help="with --solver: activations per device (K microbatches)")
     p.add_argument("--microbatches", type=int, help="with --solver: M (default 2P)")
-    p.add_argument("--split-backward", action="store_true", help="with --solver: split B and W")
+    p.add_argument("--split-backward", action=argparse.BooleanOptionalAction,
+                   help="with --solver: split B and W, or not (default: what the solver's schedule needs)")
     p.add_argument("--allow-remat", action="store_true", help="with --solver: allow recomputation")
     p.add_argument("--time-limit", type=float, default=10.0, help="with --solver: seconds")
     p.add_argument("--steps", type=int, default=10, help="timed training steps")
@@ -236,18 +271,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # file names and ids that are not valid text still print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except FormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (ValidationError, DeadlockError, MemoryLimitError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except PipeschedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except PipeschedError as e:  # exit 2 for bad input, 1 for a failed check (each class says)
+        _error(e)
+        return e.exit_code
+    except KeyboardInterrupt:  # (a solver's Ctrl-C returns its best result: `_solve`)
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `pipesched ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

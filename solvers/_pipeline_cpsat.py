@@ -33,8 +33,10 @@ from typing import NamedTuple
 from ortools.sat.python import cp_model
 
 from pipesched.pipeline import Action, PipelineInstance, PipelineSchedule, Program
+from pipesched.solvers._interrupt import Deadline, solve_interruptibly
 
 SCALES = (1, 2, 4, 5, 8, 10, 20, 25, 50, 100, 1000, 10_000, 100_000, 1_000_000)
+MAX_SCALED = 2**56  # largest scaled horizon or memory total the model takes (sums stay inside int64)
 
 
 class CpsatOutcome(NamedTuple):
@@ -42,6 +44,7 @@ class CpsatOutcome(NamedTuple):
     bound: float | None  # proven lower bound on the makespan, in instance units (None: not exact)
     proven_optimal: bool
     status: str  # CP-SAT's status name
+    interrupted: bool = False  # Ctrl-C stopped the search (`_interrupt.solve_interruptibly`)
 
 
 def integer_scale(values: Iterable[float]) -> int | None:
@@ -71,7 +74,9 @@ class _Progress(cp_model.CpSolverSolutionCallback):
 
 
 def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lower_bound: float,
-                time_limit: float, workers: int = 2, seed: int = 0, on_solution=None) -> CpsatOutcome:
+                deadline: Deadline, workers: int = 2, seed: int = 0, on_solution=None) -> CpsatOutcome:
+    """Build and solve the model (module docstring) by `deadline`: building counts, and a model
+    whose building outlasts it is not solved (status "NOT_SOLVED")."""
     # ---- data ------------------------------------------------------------------------------
     S, M = instance.num_stages, instance.num_microbatches
     stages = instance.stages
@@ -94,6 +99,9 @@ def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lo
                sum(M * dur(op, s) for s in range(S) for op in ("F", "B", "W", "R"))
                + 2 * M * sum(comm(s) for s in range(S - 1)))
     ops = ["F", *instance.backward_ops]
+    most_memory = M * sum(_scaled(st.activation, km, up=True) for st in stages)
+    if max(horizon, most_memory) > MAX_SCALED:  # CP-SAT's int64 arithmetic could overflow: greedy answers
+        return CpsatOutcome(None, None, False, "TOO_LARGE")
 
     # ---- variables -------------------------------------------------------------------------
     model = cp_model.CpModel()
@@ -113,6 +121,10 @@ def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lo
                 end[k] = start[k] + dur("R", s)
                 interval[k] = model.NewOptionalFixedSizeIntervalVar(start[k], dur("R", s), present[s, m], f"{s}R{m}")
     makespan = model.NewIntVar(0, horizon, "makespan")
+
+    out_of_time = CpsatOutcome(None, None, False, "NOT_SOLVED")
+    if deadline.passed():
+        return out_of_time
 
     # ---- constraints -----------------------------------------------------------------------
     for s in range(S):
@@ -165,6 +177,8 @@ def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lo
         model.AddCumulative(intervals, demands, _scaled(limit, km, up=False))
     for m in range(M - 1):
         model.Add(start["F", 0, m] <= start["F", 0, m + 1])
+    if deadline.passed():
+        return out_of_time
 
     # ---- objective -------------------------------------------------------------------------
     if exact:
@@ -175,15 +189,15 @@ def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lo
 
     # ---- solve -----------------------------------------------------------------------------
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(0.1, time_limit)
+    solver.parameters.max_time_in_seconds = max(0.01, deadline.left())
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     scale = kt or SCALES[-1]
     callback = _Progress(lambda obj, bound: on_solution(obj / scale, bound / scale)) if on_solution else None
-    status = solver.Solve(model, callback)
+    status, interrupted = solve_interruptibly(solver, model, callback)
     name = solver.StatusName(status)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return CpsatOutcome(None, None, False, name)
+        return CpsatOutcome(None, None, False, name, interrupted)
     bound = solver.BestObjectiveBound() / kt if exact else None
 
     # ---- independent check: the order, re-timed by the simulator -------------------------
@@ -195,7 +209,7 @@ def solve_cpsat(instance: PipelineInstance, *, hint: PipelineSchedule | None, lo
         rows[stages[s].device].append((t, t + dur(op, s), Action(s, op, m)))
     program = tuple(tuple(a for _, _, a in sorted(row, key=lambda r: (r[0], r[1], r[2].stage, r[2].microbatch)))
                     for row in rows)
-    return CpsatOutcome(program, bound, exact and status == cp_model.OPTIMAL, name)
+    return CpsatOutcome(program, bound, exact and status == cp_model.OPTIMAL, name, interrupted)
 
 
 def _add_hint(model: cp_model.CpModel, hint: PipelineSchedule, start, present, kt: int | None) -> None:

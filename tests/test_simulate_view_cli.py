@@ -135,7 +135,8 @@ def test_cli_validate_invalid_schedule_exit_1(files, capsys):
     d["makespan"] += 1
     out.write_text(json.dumps(d))
     assert main(["validate", str(out)]) == 1
-    assert "1.2 rule 6" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "1.2 rule 6" in err and err.startswith(f"error: {out}: invalid:")
 
 
 @pytest.mark.parametrize("content", ['{"format": "pipesched.pipeline-instance/1", "num_dev',
@@ -144,8 +145,9 @@ def test_cli_malformed_exit_2(tmp_path, capsys, content):
     bad = tmp_path / "bad.json"
     bad.write_text(content)
     assert main(["validate", str(bad)]) == 2
-    out = capsys.readouterr().out
-    assert out.count("\n") == 1 and str(bad) in out and "Traceback" not in out
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {bad}: ")
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
 
 
 def test_cli_simulate_deadlock_exit_1(files, capsys):

@@ -8,6 +8,7 @@ from typing import Any
 
 from pipesched._common import (
     EMPTY_STATUSES,
+    MAX_NUMBER,
     FormatError,
     JsonFile,
     as_bool,
@@ -20,11 +21,29 @@ from pipesched._common import (
     need,
     optional,
     read_result_fields,
+    show,
 )
 
 INSTANCE_FORMAT = "pipesched.pipeline-instance/1"
 SCHEDULE_FORMAT = "pipesched.pipeline-schedule/1"
 OP_KINDS = ("F", "B", "W", "R")
+MAX_DEVICES = 4096
+MAX_PAIRS = 2**16  # stages x microbatches: greedy answers within seconds up to here (README "Bad input")
+
+# formats.md extensions not implemented yet: refused by name, never dropped (a result embeds its instance)
+_EXTENSIONS = {"1.4 (remat options, backward-pass recompute)": ("remat_options", "RW", "wgrad_checkpoint"),
+               "1.5 (offloading)": ("allow_offload", "host_memory", "offload_out", "offload_in", "offload_keep")}
+_EXTENSION_OPS = {"RW": "1.4 (backward-pass recompute)", "O": "1.5 (offloading)", "P": "1.5 (offloading)"}
+
+
+def _refuse_extensions(obj: Any, key: str) -> None:
+    """FormatError naming the first key of an unimplemented formats.md extension that `obj` sets."""
+    for section, names in _EXTENSIONS.items():
+        for name in names:
+            if obj.get(name) not in (None, False):
+                where = f"{key}.{name}" if key else name
+                raise FormatError(f"{where}: formats.md section {section} is not implemented yet; "
+                                  "remove the key to use this file")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +80,7 @@ class Stage:
     @classmethod
     def from_dict(cls, obj: Any, key: str) -> Stage:
         obj = as_mapping(obj, key)
+        _refuse_extensions(obj, key)
         return cls(
             device=need(obj, "device", key),
             F=need(obj, "F", key), B=need(obj, "B", key), W=need(obj, "W", key),
@@ -93,9 +113,12 @@ class PipelineInstance(JsonFile):
             object.__setattr__(self, "comm", tuple(self.comm))
         if isinstance(self.memory_limit, list):
             object.__setattr__(self, "memory_limit", tuple(self.memory_limit))
-        P = as_int(self.num_devices, "num_devices", lo=1)
-        as_int(self.num_microbatches, "num_microbatches", lo=1)
+        P = as_int(self.num_devices, "num_devices", lo=1, hi=MAX_DEVICES + 1)
+        M = as_int(self.num_microbatches, "num_microbatches", lo=1)
         as_list(self.stages, "stages", nonempty=True)
+        if len(self.stages) * M > MAX_PAIRS:
+            raise FormatError(f"num_microbatches: {len(self.stages)} stages x {M} microbatches = "
+                              f"{len(self.stages) * M} pairs, more than the {MAX_PAIRS} pipesched schedules")
         as_bool(self.split_backward, "split_backward")
         as_bool(self.allow_remat, "allow_remat")
         for s, stage in enumerate(self.stages):
@@ -105,6 +128,13 @@ class PipelineInstance(JsonFile):
         _check_scalar_or_list(self.comm, "comm", len(self.stages) - 1)
         if self.memory_limit is not None:
             _check_scalar_or_list(self.memory_limit, "memory_limit", P)
+        comm = self.comm if isinstance(self.comm, tuple) else (self.comm,) * (len(self.stages) - 1)
+        work = M * (sum(st.F + st.B + st.W + st.R for st in self.stages) + 2 * sum(comm))
+        memory = M * sum(st.activation for st in self.stages)
+        for what, total in (("durations (one microbatch after another)", work), ("activation memory", memory)):
+            if total > MAX_NUMBER:
+                raise FormatError(f"stages: the total of {what} over all microbatches is {total:.3g}, more than "
+                                  f"2^53; use coarser units")
         if self.name is not None:
             as_str(self.name, "name")
 
@@ -150,6 +180,7 @@ class PipelineInstance(JsonFile):
     def from_dict(cls, obj: Any, *, embedded: bool = False) -> PipelineInstance:
         obj = as_mapping(obj, "instance" if embedded else "<root>")
         check_format(obj, INSTANCE_FORMAT, required=not embedded)
+        _refuse_extensions(obj, "")
         stages = as_list(need(obj, "stages", ""), "stages", nonempty=True)
         return cls(
             num_devices=need(obj, "num_devices", ""),
@@ -224,7 +255,7 @@ class PipelineSchedule(JsonFile):
         for i, op in enumerate(self.ops):
             key = f"ops[{i}]"
             if op.op not in OP_KINDS:
-                raise FormatError(f"{key}.op: expected one of F, B, W, R; got {op.op!r}")
+                raise FormatError(f"{key}.op: expected one of F, B, W, R; got {show(op.op)}")
             as_int(op.stage, f"{key}.stage", lo=0, hi=S)
             as_int(op.microbatch, f"{key}.microbatch", lo=0, hi=M)
             as_number(op.start, f"{key}.start", nonneg=False)
@@ -267,10 +298,15 @@ class PipelineSchedule(JsonFile):
             key = f"ops[{i}]"
             raw = as_mapping(raw, key)
             kind = as_str(need(raw, "op", key), f"{key}.op")
+            if kind in _EXTENSION_OPS:
+                raise FormatError(f"{key}.op: {kind!r} ops (formats.md section {_EXTENSION_OPS[kind]}) "
+                                  "are not implemented yet")
+            if raw.get("option") not in (None, 0):
+                raise FormatError(f"{key}.option: formats.md section 1.4 (remat options) is not implemented yet")
             stage = as_int(need(raw, "stage", key), f"{key}.stage", lo=0, hi=instance.num_stages)
             if raw.get("device") is not None and raw["device"] != instance.stages[stage].device:
                 raise FormatError(f"{key}.device: stage {stage} is on device "
-                                  f"{instance.stages[stage].device}, got {raw['device']!r}")
+                                  f"{instance.stages[stage].device}, got {show(raw['device'])}")
             ops.append(Op(start=need(raw, "start", key), end=need(raw, "end", key), op=kind,
                           stage=stage, microbatch=need(raw, "microbatch", key)))
         return cls(instance=instance, ops=tuple(ops), **read_result_fields(obj, "makespan"))

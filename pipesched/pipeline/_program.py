@@ -16,11 +16,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from pipesched._common import FormatError, PipeschedError, approx_le, in_file, read_text
+from pipesched._common import FormatError, PipeschedError, approx_le, in_file, read_text, show
 from pipesched.pipeline._model import Op, PipelineInstance, PipelineSchedule
 from pipesched.pipeline._validate import MemoryTimeline, memory_timeline
 
-_ACTION = re.compile(r"^(\d+)([FBWRI])(\d+)$")
+_ACTION = re.compile(r"^([0-9]{1,12})([FBWRI])([0-9]{1,12})$")
 
 
 class Action(NamedTuple):
@@ -39,7 +39,7 @@ class Action(NamedTuple):
     def parse(cls, text: str) -> Action:
         match = _ACTION.match(text.strip())
         if not match:
-            raise FormatError(f"{text!r}: not an action; write {{stage}}{{op}}{{microbatch}} "
+            raise FormatError(f"{show(text)}: not an action; write {{stage}}{{op}}{{microbatch}} "
                               "such as 2F0, 1B3, 0W1, 0R2")
         stage, op, mb = match.groups()
         return cls(int(stage), "B" if op == "I" else op, int(mb))
@@ -55,15 +55,19 @@ def make_program(rows: Iterable[Iterable[Action | str]]) -> Program:
 def parse_program_csv(text: str) -> Program:
     """One CSV row per device (rank 0 first), one action per cell; empty cells are skipped."""
     rows = []
-    for r, row in enumerate(csv.reader(io.StringIO(text))):
-        actions = []
-        for c, cell in enumerate(row):
-            if cell.strip():
-                try:
-                    actions.append(Action.parse(cell))
-                except FormatError as e:
-                    raise FormatError(f"row {r} column {c}: {e}") from None
-        rows.append(tuple(actions))
+    reader = csv.reader(io.StringIO(text))
+    try:
+        for r, row in enumerate(reader):
+            actions = []
+            for c, cell in enumerate(row):
+                if cell.strip():
+                    try:
+                        actions.append(Action.parse(cell))
+                    except FormatError as e:
+                        raise FormatError(f"row {r} column {c}: {e}") from None
+            rows.append(tuple(actions))
+    except csv.Error as e:
+        raise FormatError(f"row {reader.line_num - 1}: not a CSV row ({e})") from None
     return tuple(rows)
 
 
@@ -132,6 +136,8 @@ class BlockedAction(NamedTuple):
 
 class DeadlockError(PipeschedError):
     """The program cannot run: every unfinished device waits on an action that never comes."""
+
+    exit_code = 1
 
     def __init__(self, blocked: Sequence[BlockedAction]):
         self.blocked = tuple(blocked)

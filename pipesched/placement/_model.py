@@ -27,6 +27,8 @@ from pipesched._common import (
 INSTANCE_FORMAT = "pipesched.placement-instance/1"
 PLACEMENT_FORMAT = "pipesched.placement/1"
 RULE = "3.2"
+MAX_EXPERTS = MAX_DEVICES = 4096
+MAX_BATCH_COUNTS = 2**25  # batches x experts of the per-batch token counts (README "Bad input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +44,17 @@ class PlacementInstance(JsonFile):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trace", tuple(tuple(t) for t in self.trace))
-        E = as_int(self.num_experts, "num_experts", lo=1)
-        G = as_int(self.num_devices, "num_devices", lo=1)
-        C = as_int(self.slots_per_device, "slots_per_device", lo=1)
-        as_int(self.batch_size, "batch_size", lo=1)
+        E = as_int(self.num_experts, "num_experts", lo=1, hi=MAX_EXPERTS + 1)
+        G = as_int(self.num_devices, "num_devices", lo=1, hi=MAX_DEVICES + 1)
+        C = as_int(self.slots_per_device, "slots_per_device", lo=1, hi=MAX_EXPERTS + 1)
+        b = as_int(self.batch_size, "batch_size", lo=1)
         if C * G < E:
             raise FormatError(f"slots_per_device: C*G = {C}*{G} = {C * G} < num_experts {E}")
         as_list(self.trace, "trace", nonempty=True)
+        batches = max(1, len(self.trace) // b)
+        if batches * E > MAX_BATCH_COUNTS:
+            raise FormatError(f"trace: {batches} batches x {E} experts = {batches * E} token counts, more than "
+                              f"the {MAX_BATCH_COUNTS} pipesched holds; use a larger batch_size or a shorter trace")
         for t, token in enumerate(self.trace):
             for j, e in enumerate(token):
                 as_int(e, f"trace[{t}][{j}]", lo=0, hi=E)
@@ -150,10 +156,11 @@ class Placement(JsonFile):
     solve_time_s: float
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "devices", tuple(tuple(int(e) for e in d) for d in self.devices))
         for d, experts in enumerate(self.devices):
             for j, e in enumerate(experts):
-                as_int(e, f"devices[{d}][{j}]", lo=0, hi=self.instance.num_experts)
+                as_int(int(e) if isinstance(e, np.integer) else e, f"devices[{d}][{j}]",
+                       lo=0, hi=self.instance.num_experts)
+        object.__setattr__(self, "devices", tuple(tuple(int(e) for e in d) for d in self.devices))
 
     @classmethod
     def from_devices(cls, instance: PlacementInstance, devices: Sequence[Sequence[int]], *,

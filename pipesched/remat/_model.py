@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 from pipesched._common import (
+    MAX_NUMBER,
     EMPTY_STATUSES,
     FormatError,
     JsonFile,
@@ -78,6 +79,11 @@ class RematInstance(JsonFile):
             if len(set(node.deps)) != len(node.deps):
                 raise FormatError(f"{key}.deps: duplicate dependency")
             seen[node.id] = i
+        for what in ("cost", "memory"):
+            total = sum(getattr(node, what) for node in self.nodes)
+            if total > MAX_NUMBER:
+                raise FormatError(f"nodes: the total {what} of all nodes is {total:.3g}, more than 2^53; "
+                                  "use coarser units")
 
     # ---- derived views ---------------------------------------------------------------------
     @functools.cached_property
