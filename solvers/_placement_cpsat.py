@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 from ortools.sat.python import cp_model
+from pipesched.solvers._interrupt import Deadline, solve_interruptibly
 from pipesched.solvers._placement_common import Batches, Devices, batch_lower_bounds, canonical, max_replicas
 from tqdm.auto import tqdm
 
@@ -66,6 +68,7 @@ class CpsatOutcome(NamedTuple):
     devices: Devices | None  # None when CP-SAT found no solution in time
     bound: float | None  # proven lower bound on the 3.2 cost (None with a migration term)
     optimal: bool  # the objective is proven minimal
+    interrupted: bool = False  # Ctrl-C stopped the search (`_interrupt.solve_interruptibly`)
 
 
 class _Bar(cp_model.CpSolverSolutionCallback):
@@ -91,7 +94,10 @@ def solve_cpsat(
     migration_weight: float = 0.0,
     progress: bool = False,
 ) -> CpsatOutcome:
+    """The model (module docstring) solved within `time_limit` seconds, model building included
+    (a model whose building outlasts it is not solved: no placement, no bound)."""
     # data
+    deadline = Deadline(time_limit)
     E, G, C = instance.num_experts, instance.num_devices, instance.slots_per_device
     R = max_replicas(instance)
     S = math.lcm(*range(1, R + 1))
@@ -171,6 +177,8 @@ def solve_cpsat(
         for d, e in itertools.product(range(G - 1), range(E)):  # e on d + 1: d hosts an expert <= e
             model.add(sum(x[f, d] for f in range(e + 1)) >= x[e, d + 1])
     for u, row in enumerate(counts):
+        if deadline.passed():
+            return CpsatOutcome(None, None, False)
         used = np.flatnonzero(row)
         for d in range(G):
             load = sum(int(row[e]) * q[e, d] for e in used)
@@ -199,26 +207,26 @@ def solve_cpsat(
 
     # solve
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    solver.parameters.max_time_in_seconds = max(deadline.left(), 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     if workers == 2:  # two full bound-proving searches (see the module docstring)
         solver.parameters.subsolvers.extend(["core" if core else "default_lp", "objective_lb_search"])
         solver.parameters.num_full_subsolvers = 2
     with tqdm(desc="cpsat", disable=not progress, leave=False) as bar:
-        status = solver.solve(model, _Bar(bar, S * num_batches))
+        status, interrupted = solve_interruptibly(solver, model, _Bar(bar, S * num_batches))
     scale = S * num_batches
     warm_cost = float(batches.multiplicity @ warm_costs) / scale
     if migration_weight > 0:
         bound = None
     elif status == cp_model.INFEASIBLE and hard:  # every placement violates a dominant batch
-        return CpsatOutcome(None, warm_cost, True)
+        return CpsatOutcome(None, warm_cost, True, interrupted)
     else:  # the optimum is the warm start's or one obeying `hard`
         bound = min(solver.best_objective_bound / scale, warm_cost) if hard else solver.best_objective_bound / scale
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-        return CpsatOutcome(None, bound, False)
+        return CpsatOutcome(None, bound, False, interrupted)
     devices = [[e for e in range(E) if solver.boolean_value(x[e, d])] for d in range(G)]
-    return CpsatOutcome(devices, bound, status == cp_model.OPTIMAL and migration_weight == 0)
+    return CpsatOutcome(devices, bound, status == cp_model.OPTIMAL and migration_weight == 0, interrupted)
 
 
 def dominant_batches(batches: Batches, lows: np.ndarray, warm: np.ndarray) -> list[int]:
@@ -317,6 +325,7 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     than 1 only when all its experts are replicated.
     """
     # data
+    deadline = Deadline(time_limit)  # (model building included)
     E, G, spare = instance.num_experts, instance.num_devices, instance.num_slots - instance.num_experts
     R = max_replicas(instance)
     S = math.lcm(*range(1, R + 1))
@@ -340,7 +349,7 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
 
     # solve: any proven objective bound is valid, optimal or not
-    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, time_limit, workers, seed))
+    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, deadline.left(), workers, seed))
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 
@@ -369,6 +378,7 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
     every placement's cost from below (dropping transitivity for large E only weakens it).
     """
     # data
+    deadline = Deadline(time_limit)  # (model building included)
     E, C = instance.num_experts, instance.slots_per_device
     if instance.num_slots != E:
         raise ValueError(f"colocation_bound needs C*G = E (no spare slot), got {instance.num_slots} slots for {E} "
@@ -397,7 +407,7 @@ def colocation_bound(instance: PlacementInstance, batches: Batches, *, time_limi
     model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
 
     # solve: any proven objective bound is valid, optimal or not
-    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, time_limit, workers, seed))
+    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, deadline.left(), workers, seed))
     return relaxed / int(batches.multiplicity.sum())
 
 
@@ -420,10 +430,11 @@ def _add_hint(model: cp_model.CpModel, devices: Devices, E: int, x, replicas, sh
 def _proven_bound(model: cp_model.CpModel, time_limit: float, workers: int, seed: int) -> float:
     """CP-SAT's proven objective bound of `model` after at most `time_limit` seconds. It may be NaN
     when the search stopped before any bound: callers write max(own_bound, this), own bound first,
-    since max(x, nan) is x."""
+    since max(x, nan) is x. Ctrl-C raises KeyboardInterrupt once the search has stopped."""
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
-    solver.solve(model)
+    if solve_interruptibly(solver, model)[1]:
+        raise KeyboardInterrupt
     return float(solver.best_objective_bound)

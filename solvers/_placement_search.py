@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from pipesched.solvers._interrupt import Interrupted
 from pipesched.solvers._placement_common import Batches, Devices, max_replicas
 from tqdm.auto import tqdm
 
@@ -276,17 +277,21 @@ def local_search(
     patience: int = 20,
     progress: bool = False,
 ) -> Devices:
-    """The best placement found from `start` (never worse than `start` on the objective)."""
+    """The best placement found from `start` (never worse than `start` on the objective). Ctrl-C
+    raises `Interrupted` with the best placement so far."""
     if instance.num_devices == 1:
         return [sorted(start[0])]
     begin = time.perf_counter()
     state = _Search(instance, batches, start, current, migration_weight)
     found = []
     with tqdm(desc="local search", disable=not progress, leave=False) as bar:
-        for share, plateau in ((0.5, False), (1.0, True)):  # two rounds from `start`, the best of both
-            state.load(start)
-            found.append(_iterate(state, np.random.default_rng(seed), begin + share * time_limit, patience,
-                                  plateau, bar))
+        try:
+            for share, plateau in ((0.5, False), (1.0, True)):  # two rounds from `start`, the best of both
+                state.load(start)
+                found.append(_iterate(state, np.random.default_rng(seed), begin + share * time_limit, patience,
+                                      plateau, bar))
+        except Interrupted as stop:
+            raise Interrupted(min([*found, stop.best], key=lambda pair: pair[1])[0]) from None
     return min(found, key=lambda pair: pair[1])[0]
 
 
@@ -294,19 +299,24 @@ def _iterate(state: _Search, rng: np.random.Generator, deadline: float, patience
              bar: tqdm) -> tuple[Devices, float]:
     """Descend, then perturb the best placement (a few random swaps) and descend again until
     `patience` perturbations in a row bring nothing (or time is up); the best placement seen and
-    its objective."""
-    _descend(state, rng, deadline, plateau)
+    its objective. Ctrl-C raises `Interrupted` with them (the state may be half-way through a
+    move; the best placement is a copy, at worst the starting one)."""
     best, best_value, idle = state.devices(), state.objective(), 0
-    while idle < patience and time.perf_counter() < deadline:
-        for _ in range(int(rng.integers(1, 4))):
-            state.random_swap(rng)
+    try:
         _descend(state, rng, deadline, plateau)
-        value = state.objective()
-        if value < best_value - _EPS:
-            best, best_value, idle = state.devices(), value, 0
-        else:
-            idle += 1
-            state.load(best)
-        bar.update(1)
-        bar.set_postfix(objective=f"{best_value:.4f}")
+        best, best_value = state.devices(), state.objective()
+        while idle < patience and time.perf_counter() < deadline:
+            for _ in range(int(rng.integers(1, 4))):
+                state.random_swap(rng)
+            _descend(state, rng, deadline, plateau)
+            value = state.objective()
+            if value < best_value - _EPS:
+                best, best_value, idle = state.devices(), value, 0
+            else:
+                idle += 1
+                state.load(best)
+            bar.update(1)
+            bar.set_postfix(objective=f"{best_value:.4f}")
+    except KeyboardInterrupt:
+        raise Interrupted((best, best_value)) from None
     return best, best_value

@@ -11,13 +11,20 @@
   computation of a user of v, and one user computation reads one copy, so
   copies(v) <= sum over users w of copies(w); (c) its cost is <= any known schedule's cost `upper`,
   so for cost(v) > 0, (copies(v) - 1) * cost(v) <= upper - total_cost.
+* Feasibility, on small graphs (`exhaustively_feasible`): a valid schedule is a walk through
+  states (resident set R, set C of nodes computed at least once), from (empty, empty) by two moves:
+  free a resident value, or compute a value v not resident whose deps are resident and with
+  memory(R) + memory(v) <= budget (formats.md 2.2). A schedule exists iff a state with C = every
+  node is reachable, so visiting every reachable state decides it exactly. R is a subset of C, so
+  there are at most 3^n states; the search is only tried up to `EXHAUSTIVE_NODES` nodes and gives
+  up (None) beyond `EXHAUSTIVE_STATES` states.
 """
 
 from __future__ import annotations
 
 import math
 
-from pipesched._common import approx_lt
+from pipesched._common import approx_le, approx_lt
 from pipesched.remat import RematInstance
 
 
@@ -28,6 +35,41 @@ def smallest_peak(instance: RematInstance) -> float:
 
 def proven_infeasible(instance: RematInstance) -> bool:
     return approx_lt(instance.budget, smallest_peak(instance))
+
+
+EXHAUSTIVE_NODES = 12  # each state costs O(n): larger graphs are not tried
+EXHAUSTIVE_STATES = 20_000  # 3^9: every graph of up to 9 nodes, in well under a second
+
+
+def exhaustively_feasible(instance: RematInstance, max_states: int = EXHAUSTIVE_STATES) -> bool | None:
+    """Whether any valid schedule exists, by depth-first search over every reachable (resident,
+    computed) state (module docstring); None when there are more than `max_states`."""
+    n, budget = len(instance.nodes), instance.budget
+    if n > EXHAUSTIVE_NODES:
+        return None
+    mem = [node.memory for node in instance.nodes]
+    need = [sum(1 << u for u in deps) for deps in instance.dep_indices]
+    everything = (1 << n) - 1
+    seen, todo = {(0, 0)}, [(0, 0)]
+    while todo:
+        resident, computed = todo.pop()
+        if computed == everything:
+            return True
+        level = sum(mem[v] for v in range(n) if resident >> v & 1)
+        for v in range(n):
+            bit = 1 << v
+            if resident & bit:
+                nxt = (resident & ~bit, computed)
+            elif resident & need[v] == need[v] and approx_le(level + mem[v], budget):
+                nxt = (resident | bit, computed | bit)
+            else:
+                continue
+            if nxt not in seen:
+                if len(seen) >= max_states:
+                    return None
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
 
 
 def copy_caps(instance: RematInstance, upper: float | None) -> list[int]:

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipesched.remat import ChainLayout
+from pipesched.solvers._interrupt import Deadline
 
 MAX_TABLE_ENTRIES = 30_000_000  # 3 float32 arrays of (M+1) x n x n: at most 360 MB
 CACHE_FLOATS = 1 << 18  # float32 temporaries of about 1 MB per length stay in a core's L2 cache
@@ -134,9 +135,10 @@ def _prefix_min(total: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return total.min(axis=-1)
 
 
-def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
+def chain_tables(uf, ub, x, g, budget: int, *, deadline: Deadline | None = None) -> ChainTables | None:
     """Fill the DP tables for integer sizes `x`, `g` and integer memory `budget` (float32: the
-    schedule's cost is recomputed exactly afterwards).
+    schedule's cost is recomputed exactly afterwards); None once `deadline` passes (checked
+    before each segment length).
 
     C(s, t, m) reads only shorter segments at memory <= m, so the memory axis is cut into
     cache-sized blocks, taken in increasing order, each filled for every length in turn: the same
@@ -163,6 +165,8 @@ def chain_tables(uf, ub, x, g, budget: int) -> ChainTables:
     for block in _memory_blocks(int(single.min()), width, n):
         lo, hi = block.start, block.stop
         for d in range(1, n):
+            if deadline is not None and deadline.passed():
+                return None
             s = np.arange(n - d)
             total = scratch[: len(block) * (n - d) * d].reshape(len(block), n - d, d)
             best = []

@@ -37,6 +37,7 @@ from typing import NamedTuple
 from ortools.sat.python import cp_model
 
 from pipesched.remat import RematInstance
+from pipesched.solvers._interrupt import Deadline, solve_interruptibly
 
 COST_RESOLUTION = 2**40  # largest scaled total cost when costs are not all integers
 
@@ -47,6 +48,7 @@ class CpsatOutcome(NamedTuple):
     exact: bool  # the caps held and memory was exact: bound and infeasibility are proofs
     proven_infeasible: bool
     proven_optimal: bool
+    interrupted: bool = False  # Ctrl-C stopped the search (`_interrupt.solve_interruptibly`)
 
 
 class Scaled(NamedTuple):
@@ -89,22 +91,26 @@ class _Progress(cp_model.CpSolverSolutionCallback):
 
 
 def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int] | None, *,
-                time_limit: float, workers: int = 2, seed: int = 0, progress: bool = False,
+                deadline: Deadline, workers: int = 2, seed: int = 0, progress: bool = False,
                 caps_exact: bool = True) -> CpsatOutcome:
     """Solve the retention-interval model (module docstring) with copy caps `caps`, hinted with
-    the compute sequence `hint` (which must respect the caps)."""
+    the compute sequence `hint` (which must respect the caps), by `deadline`: model building
+    counts, and a model whose building outlasts it is not solved (no solution, no proof)."""
     # data
     n = len(instance.nodes)
     deps, users = instance.dep_indices, instance.users
     scaled = scale(instance)
     horizon = sum(caps)
     exact = caps_exact and scaled.memory_exact
+    out_of_time = CpsatOutcome(None, instance.total_cost, exact, False, False)
 
     # variables
     model = cp_model.CpModel()
     present, start, end, retain, slot = [], [], [], [], []
     reads: dict[tuple[int, int, int], list] = {}  # (v, c, u) -> which copy of u copy c of v reads
     for v in range(n):
+        if deadline.passed():
+            return out_of_time
         pv, sv, ev, rv, cv = [], [], [], [], []
         for c in range(caps[v]):
             p = model.NewConstant(1) if c == 0 else model.NewBoolVar(f"p{v}_{c}")
@@ -134,6 +140,8 @@ def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int
     model.AddCumulative([iv for rv in retain for iv in rv],
                         [scaled.memory[v] for v in range(n) for _ in range(caps[v])], scaled.budget)
     for v in range(n):
+        if deadline.passed():
+            return out_of_time
         if not users[v]:
             model.Add(end[v][0] == start[v][0])
         for u in deps[v]:
@@ -161,16 +169,18 @@ def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int
 
     # solve
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit, 0.01)
+    if deadline.passed():
+        return out_of_time
+    solver.parameters.max_time_in_seconds = max(deadline.left(), 0.01)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     solver.parameters.max_presolve_iterations = 1  # a second probing pass costs much, gains little
     callback = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=round(time_limit, 1), desc=f"cpsat {instance.name}", unit="s")
+        bar = tqdm(total=round(deadline.left(), 1), desc=f"cpsat {instance.name}", unit="s")
         callback = _Progress(bar, scaled.cost_scale)
-    status = solver.Solve(model, callback)
+    status, interrupted = solve_interruptibly(solver, model, callback)
     if progress:
         bar.close()
 
@@ -183,7 +193,7 @@ def solve_cpsat(instance: RematInstance, caps: Sequence[int], hint: Sequence[int
     else:
         computes, bound = None, instance.total_cost
     return CpsatOutcome(computes, bound, exact, exact and status == cp_model.INFEASIBLE,
-                        exact and status == cp_model.OPTIMAL)
+                        exact and status == cp_model.OPTIMAL, interrupted)
 
 
 def straddling(instance: RematInstance) -> list[list[int]]:

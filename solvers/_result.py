@@ -7,17 +7,20 @@ from typing import Any, NamedTuple
 
 class Result(NamedTuple):
     """What `solve_*` returns. `schedule` is the formats.md result object (PipelineSchedule,
-    RematSchedule or Placement); the other fields repeat its headline figures."""
+    RematSchedule or Placement); the other fields repeat its headline figures. `interrupted`:
+    Ctrl-C stopped the solver early and this is the best result it had (`_interrupt`)."""
 
     schedule: Any
     objective: float
     lower_bound: float | None
     status: str
     solve_time: float
+    interrupted: bool = False
 
     @classmethod
-    def of(cls, schedule: Any) -> Result:
+    def of(cls, schedule: Any, interrupted: bool = False) -> Result:
         objective = getattr(schedule, "makespan", None)
         if objective is None:
             objective = schedule.cost
-        return cls(schedule, objective, schedule.lower_bound, schedule.status, schedule.solve_time_s)
+        return cls(schedule, objective, schedule.lower_bound, schedule.status, schedule.solve_time_s,
+                   interrupted)

@@ -8,9 +8,12 @@ model is exact), and says "optimal" only when the makespan meets that bound.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
+from pipesched.solvers._interrupt import Deadline
 from pipesched.solvers._pipeline_cpsat import solve_cpsat
 from pipesched.solvers._pipeline_greedy import REMAT_MODES, list_schedule, make_rules
+from pipesched.solvers._names import PIPELINE_SOLVERS
 from pipesched.solvers._result import Result
 from tqdm import tqdm
 
@@ -27,13 +30,14 @@ from pipesched.pipeline import (
 )
 from pipesched.pipeline.bounds import infeasible_devices, lower_bound
 
-PIPELINE_SOLVERS = ("cpsat", "greedy", *zoo.ZOO)
 CPSAT_MAX_OPS = 20_000  # above this many ops the model is too large to pay off; greedy answers
 LARGE_OPS = 20_000  # above this many ops greedy tries only its two strongest rules
 
 
 class MemoryLimitError(PipeschedError):
     """A named schedule that does not fit the instance's memory limit."""
+
+    exit_code = 1
 
 
 def infeasibility_proof(instance: PipelineInstance) -> str | None:
@@ -68,43 +72,46 @@ def _num_ops(instance: PipelineInstance) -> int:
     return instance.num_stages * instance.num_microbatches * (1 + len(instance.backward_ops) + instance.allow_remat)
 
 
-def greedy_candidates(instance: PipelineInstance) -> list[Simulation]:
+def greedy_candidates(instance: PipelineInstance) -> Iterator[Simulation]:
     """Every priority rule x remat mode of the list scheduler, simulated; the ones that fit."""
     modes = REMAT_MODES if instance.allow_remat else ("never",)
     rules = make_rules(instance)
     if _num_ops(instance) > LARGE_OPS:
         rules = [r for r in rules if r.name in ("zero-bubble", "backward-first")]
-    out = []
     for rule in rules:
         for mode in modes:
             program = list_schedule(instance, rule, remat=mode)
             if program is not None:
                 result = simulate(instance, program, solver="greedy")
                 if result.fits_memory:
-                    out.append(result)
-    if not out:
-        out.append(simulate(instance, sequential_program(instance), solver="greedy"))
-    return out
+                    yield result
 
 
-def zoo_candidates(instance: PipelineInstance) -> list[Simulation]:
+def zoo_candidates(instance: PipelineInstance) -> Iterator[Simulation]:
     """Every named schedule that supports the instance and fits its memory limit."""
-    out = []
     for name in zoo.ZOO:
         if zoo.supports(name, instance):
             result = zoo.zoo_schedule(instance, name)
             if result.fits_memory:
-                out.append(result)
-    return out
+                yield result
 
 
-def _finish(schedule: PipelineSchedule, solver: str, bound: float, t0: float) -> Result:
+def _collect(candidates: Iterable[Simulation], into: list[Simulation], deadline: Deadline) -> None:
+    """Append candidates to `into` until they run out or the deadline passes (each candidate
+    is kept as soon as it is complete, so a Ctrl-C that ends this loop loses none)."""
+    for candidate in candidates:
+        into.append(candidate)
+        if deadline.passed():
+            return
+
+
+def _finish(schedule: PipelineSchedule, solver: str, bound: float, t0: float, interrupted: bool = False) -> Result:
     status = "optimal" if approx_le(schedule.makespan, bound) else "feasible"
     final = PipelineSchedule(schedule.instance, schedule.ops, schedule.makespan,
                              min(bound, schedule.makespan) if status == "optimal" else bound, status, solver,
                              time.perf_counter() - t0)
     validate_pipeline(final)
-    return Result.of(final)
+    return Result.of(final, interrupted)
 
 
 def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_limit: float = 30.0,
@@ -116,6 +123,9 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
     - "greedy": the best of every list-scheduling rule and remat mode;
     - "cpsat": CP-SAT warm-started from the best greedy or zoo schedule (never worse than any of
       them), for at most `time_limit` seconds in all.
+    "greedy" and "cpsat" stop trying candidates once `time_limit` has passed (at least one is
+    tried). Ctrl-C returns the best schedule so far (or "unknown" before any), with its proven
+    bound, as a Result with `interrupted` set.
     An instance whose memory limits no schedule can meet returns status "infeasible" (no ops;
     `infeasibility_proof` says why).
     """
@@ -133,27 +143,45 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
             raise MemoryLimitError(f"{solver} does not fit the memory limit: peak {result.memory.peaks[worst]:g} "
                                    f"> limit {instance.limit(worst):g} on device {worst}")
         return _finish(result.schedule, solver, bound, t0)
-    candidates = greedy_candidates(instance)
-    if solver == "greedy":
-        return _finish(min(candidates, key=lambda r: r.schedule.makespan).schedule, "greedy", bound, t0)
-
-    candidates += zoo_candidates(instance)
+    deadline = Deadline(time_limit, t0)
+    candidates: list[Simulation] = []
+    try:
+        _collect(greedy_candidates(instance), candidates, deadline)
+        if not candidates:
+            candidates.append(simulate(instance, sequential_program(instance), solver="greedy"))
+        if solver == "cpsat" and not deadline.passed():
+            _collect(zoo_candidates(instance), candidates, deadline)
+    except KeyboardInterrupt:
+        if not candidates:
+            return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=solver,
+                                                    solve_time_s=time.perf_counter() - t0), interrupted=True)
+        return _finish(min(candidates, key=lambda r: r.schedule.makespan).schedule, solver, bound, t0, True)
     best = min(candidates, key=lambda r: r.schedule.makespan).schedule
-    if approx_le(best.makespan, bound) or _num_ops(instance) > CPSAT_MAX_OPS:
-        return _finish(best, "cpsat", bound, t0)
+    if solver == "greedy" or approx_le(best.makespan, bound) or _num_ops(instance) > CPSAT_MAX_OPS \
+            or deadline.passed():
+        return _finish(best, solver, bound, t0)
+    return _improve_with_cpsat(instance, best, bound, deadline, workers, seed, progress, t0)
+
+
+def _improve_with_cpsat(instance: PipelineInstance, best: PipelineSchedule, bound: float, deadline: Deadline,
+                        workers: int, seed: int, progress: bool, t0: float) -> Result:
+    """CP-SAT warm-started from `best` until `deadline` (model building included); Ctrl-C keeps
+    `best` or CP-SAT's incumbent, whichever is shorter, and the bound proven so far."""
     with tqdm(total=None, desc="cpsat", unit=" solutions", disable=not progress, leave=False) as bar:
         def on_solution(objective: float, proven: float) -> None:
             bar.set_postfix(makespan=f"{objective:g}", bound=f"{max(proven, bound):g}")
             bar.update()
 
-        outcome = solve_cpsat(instance, hint=best, lower_bound=bound,
-                              time_limit=time_limit - (time.perf_counter() - t0),
-                              workers=workers, seed=seed, on_solution=on_solution)
+        try:
+            outcome = solve_cpsat(instance, hint=best, lower_bound=bound, deadline=deadline,
+                                  workers=workers, seed=seed, on_solution=on_solution)
+        except KeyboardInterrupt:  # (while building the model)
+            return _finish(best, "cpsat", bound, t0, True)
     if outcome.bound is not None:
         bound = max(bound, outcome.bound)
     if outcome.program is not None:
         found = simulate(instance, outcome.program, solver="cpsat")
         if found.fits_memory and found.schedule.makespan < best.makespan:
             best = found.schedule
-    return _finish(best, "cpsat", bound, t0)
+    return _finish(best, "cpsat", bound, t0, outcome.interrupted)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from pipesched.solvers._interrupt import Deadline, Interrupted
 from pipesched.solvers._placement_common import (
     Batches,
     Devices,
@@ -38,6 +39,7 @@ from pipesched.solvers._placement_common import (
 from pipesched.solvers._placement_cpsat import TRANSITIVE_MAX_EXPERTS, colocation_bound, replica_bound, solve_cpsat
 from pipesched.solvers._placement_greedy import coactivation_greedy, eplb, random_placement, round_robin
 from pipesched.solvers._placement_search import local_search
+from pipesched.solvers._names import PLACEMENT_SOLVERS
 from pipesched.solvers._result import Result
 
 from pipesched._common import FormatError, approx_le
@@ -45,7 +47,6 @@ from pipesched.placement import Placement, PlacementInstance, check_devices, val
 
 __all__ = ["PLACEMENT_SOLVERS", "solve_placement", "transfers"]
 
-PLACEMENT_SOLVERS = ("round-robin", "random", "eplb", "coactivation", "local-search", "cpsat", "greedy")
 
 # shares of the time limit that cpsat spends on its local-search warm start, and every solver on
 # the replica-count relaxation bound (with spare slots only)
@@ -66,8 +67,9 @@ def solve_placement(
     num_nodes: int = 1,
     num_groups: int = 1,
 ) -> Result:
-    """Place the experts of `instance` with `solver` (one of PLACEMENT_SOLVERS) in about
-    `time_limit` seconds. `num_nodes` / `num_groups` select EPLB's hierarchical policy."""
+    """Place the experts of `instance` with `solver` (one of PLACEMENT_SOLVERS) within `time_limit`
+    seconds. `num_nodes` / `num_groups` select EPLB's hierarchical policy. Ctrl-C returns the best
+    placement so far (round-robin when there is none yet) with `interrupted` set."""
     if solver not in PLACEMENT_SOLVERS:
         raise FormatError(f"solver: unknown placement solver {solver!r}; choose one of {', '.join(PLACEMENT_SOLVERS)}")
     if migration_weight < 0:
@@ -75,11 +77,11 @@ def solve_placement(
     if current is not None:
         check_devices(instance, current)
     start = time.perf_counter()
+    deadline = Deadline(time_limit, start)
     batches = aggregate(instance)
     bound = lower_bound(instance, batches)
-    if max_replicas(instance) > 1:
-        bound = max(bound, replica_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit, workers=workers,
-                                         seed=seed))
+    devices: Devices | None = None  # the best placement so far (what a Ctrl-C keeps)
+    proven = interrupted = False
 
     def objective(devices: Sequence[Sequence[int]]) -> float:
         return cost(instance, batches, devices) + migration_weight * transfers(current, devices)
@@ -87,39 +89,49 @@ def solve_placement(
     def search(limit: float) -> Devices:
         starts = [coactivation_greedy(instance, batches), _eplb(instance, batches)]
         starts += [[sorted(d) for d in current]] if current is not None else []
-        return local_search(instance, batches, min(starts, key=objective), time_limit=limit, seed=seed,
-                            current=current, migration_weight=migration_weight, progress=progress)
+        return local_search(instance, batches, min(starts, key=objective), time_limit=min(limit, deadline.left()),
+                            seed=seed, current=current, migration_weight=migration_weight, progress=progress)
 
-    proven = False
-    if solver == "round-robin":
-        devices = round_robin(instance)
-    elif solver == "random":
-        devices = random_placement(instance, seed)
-    elif solver == "eplb":
-        devices = _eplb(instance, batches, num_nodes, num_groups)
-    elif solver == "coactivation":
-        devices = coactivation_greedy(instance, batches)
-    elif solver == "local-search":
-        devices = search(time_limit - (time.perf_counter() - start))
-    elif solver == "greedy":
-        devices = min([search(time_limit - (time.perf_counter() - start)), coactivation_greedy(instance, batches),
-                       _eplb(instance, batches), round_robin(instance)], key=objective)
-    else:
-        warm = search(_WARM_START_SHARE * time_limit)
-        if instance.num_slots == instance.num_experts and 1 < instance.slots_per_device and \
-                instance.num_experts <= TRANSITIVE_MAX_EXPERTS:  # (weak without transitivity)
-            bound = max(bound, colocation_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit,
-                                                workers=workers, seed=seed))
-        if migration_weight == 0 and approx_le(cost(instance, batches, warm), bound):
-            devices = warm  # proven optimal already
+    try:
+        if max_replicas(instance) > 1:
+            bound = max(bound, replica_bound(instance, batches, time_limit=_BOUND_SHARE * time_limit,
+                                             workers=workers, seed=seed))
+        if solver == "round-robin":
+            devices = round_robin(instance)
+        elif solver == "random":
+            devices = random_placement(instance, seed)
+        elif solver == "eplb":
+            devices = _eplb(instance, batches, num_nodes, num_groups)
+        elif solver == "coactivation":
+            devices = coactivation_greedy(instance, batches)
+        elif solver == "local-search":
+            devices = search(deadline.left())
+        elif solver == "greedy":
+            devices = min([coactivation_greedy(instance, batches), _eplb(instance, batches), round_robin(instance)],
+                          key=objective)
+            devices = min([search(deadline.left()), devices], key=objective)
         else:
-            outcome = solve_cpsat(instance, batches, warm, time_limit=time_limit - (time.perf_counter() - start),
-                                  workers=workers, seed=seed, current=current, migration_weight=migration_weight,
-                                  progress=progress)
-            devices = warm if outcome.devices is None else min([outcome.devices, warm], key=objective)
-            proven = outcome.optimal
-            bound = bound if outcome.bound is None else max(bound, outcome.bound)
-    return _result(instance, batches, devices, bound, proven, solver, time.perf_counter() - start)
+            devices = warm = search(_WARM_START_SHARE * time_limit)
+            if instance.num_slots == instance.num_experts and 1 < instance.slots_per_device and \
+                    instance.num_experts <= TRANSITIVE_MAX_EXPERTS:  # (weak without transitivity)
+                bound = max(bound, colocation_bound(instance, batches, time_limit=min(_BOUND_SHARE * time_limit,
+                                                                                      deadline.left()),
+                                                    workers=workers, seed=seed))
+            if migration_weight > 0 or not approx_le(cost(instance, batches, warm), bound):  # else optimal already
+                outcome = solve_cpsat(instance, batches, warm, time_limit=deadline.left(), workers=workers,
+                                      seed=seed, current=current, migration_weight=migration_weight,
+                                      progress=progress)
+                devices = warm if outcome.devices is None else min([outcome.devices, warm], key=objective)
+                proven, interrupted = outcome.optimal, outcome.interrupted
+                bound = bound if outcome.bound is None else max(bound, outcome.bound)
+    except Interrupted as stop:  # in local search: its best placement so far
+        devices = stop.best if devices is None else min([stop.best, devices], key=objective)
+        interrupted = True
+    except KeyboardInterrupt:
+        interrupted = True
+    if devices is None:  # interrupted before any placement: round-robin takes no time to build
+        devices = round_robin(instance)
+    return _result(instance, batches, devices, bound, proven, solver, time.perf_counter() - start, interrupted)
 
 
 def _eplb(instance: PlacementInstance, batches: Batches, num_nodes: int = 1, num_groups: int = 1) -> Devices:
@@ -128,7 +140,7 @@ def _eplb(instance: PlacementInstance, batches: Batches, num_nodes: int = 1, num
 
 
 def _result(instance: PlacementInstance, batches: Batches, devices: Devices, bound: float, proven: bool,
-            solver: str, solve_time: float) -> Result:
+            solver: str, solve_time: float, interrupted: bool) -> Result:
     """Validated Result; "optimal" when CP-SAT proved it or the cost meets the proven bound."""
     value = cost(instance, batches, devices)
     optimal = proven or approx_le(value, bound)
@@ -136,4 +148,4 @@ def _result(instance: PlacementInstance, batches: Batches, devices: Devices, bou
         instance, [sorted(d) for d in devices], lower_bound=min(bound, value) if optimal else bound,
         status="optimal" if optimal else "feasible", solver=solver, solve_time_s=solve_time)
     validate_placement(placement)
-    return Result.of(placement)
+    return Result.of(placement, interrupted)

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import itertools
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,12 @@ def test_anneal_placement_keeps_placements_valid_and_tracks_their_cost(monkeypat
     assert approx_eq(validate_placement(placement), cost)
     assert approx_le(cost, placement_cost(instance, start))
     assert approx_le(brute_force(instance), cost)
+
+
+def test_every_solver_honours_the_time_limit():
+    """E256 G32 C9 top-8 over 4000 tokens (the search solvers took up to 1.9 s at a 1 s limit)."""
+    instance = synthetic_traces(256, 32, 9, 8, 4000, exponents=(1.0,), seed=0)[0]
+    for solver in PLACEMENT_SOLVERS:
+        started = time.perf_counter()
+        solve_placement(instance, solver, time_limit=1)
+        assert time.perf_counter() - started <= 2, solver

@@ -2,6 +2,7 @@
 
 import heapq
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -238,3 +239,50 @@ def test_cpsat_proves_small_public_optimum(instances_dir):
     result = solve_remat(instance, "cpsat", time_limit=30)
     assert result.status == "optimal"
     assert result.objective < solve_remat(instance, "sqrt-n").objective
+
+
+def feasibility_threshold(graph: RematInstance) -> int:
+    """The smallest integer budget with a valid schedule (brute force; the reference peak has one)."""
+    budget = int(smallest_peak(graph))
+    while brute_force_optimum(graph.with_budget(budget)) is None:
+        budget += 1
+    return budget
+
+
+@settings(max_examples=25)
+@given(st.one_of(random_dags(), training_graphs()), st.sampled_from([-2, -1, 0, 1]))
+def test_cpsat_reports_infeasible_exactly_when_brute_force_finds_no_schedule(graph, offset):
+    """Budgets around the feasibility threshold of tiny graphs: "infeasible" iff no schedule
+    exists (CP-SAT's proof on its exact model, or the exhaustive check), the optimum otherwise;
+    every other solver says "infeasible" only when that is true."""
+    instance = graph.with_budget(max(0, feasibility_threshold(graph) + offset))
+    optimum = brute_force_optimum(instance)
+    exact = solve_remat(instance, "cpsat", time_limit=20)
+    assert (exact.status == "infeasible") == (optimum is None), (exact.status, optimum)
+    if exact.status == "optimal":
+        assert approx_eq(exact.objective, optimum)
+    for solver in HEURISTICS:
+        result = solve_remat(instance, solver)
+        assert (result.status == "infeasible") == (optimum is None), (solver, result.status, optimum)
+
+
+def test_every_solver_honours_the_time_limit():
+    """A 1000-node training graph (forward skips, backward reads) that no solver finishes in 1 s;
+    the chain solver on a 200-layer chain with a fine memory grid."""
+    k = 500
+    nodes = [RematNode(f"f{i}", 1 + i % 3, 2 + i % 5, tuple(f"f{j}" for j in (i - 1, i - 3) if j >= 0))
+             for i in range(k)]
+    nodes += [RematNode(f"b{i}", 2, 2 + i % 5, (*([f"b{i + 1}"] if i < k - 1 else []), f"f{i}",
+                                                  *([f"f{i - 1}"] if i else [])), backward=True)
+              for i in reversed(range(k))]
+    graph = RematInstance("training500", tuple(nodes), 0)
+    chain = chain_instance(Chain(tuple(range(1, 201)), tuple(range(1, 201)), tuple(range(200, 0, -1)),
+                                 tuple(range(1, 201))), 0)
+    for instance in (graph, chain):
+        instance = instance.with_budget(int(instance.reference_peak * 0.5))
+        for solver in REMAT_SOLVERS:
+            if solver == "chain-dp" and chain_layout(instance) is None:
+                continue
+            started = time.perf_counter()
+            solve_remat(instance, solver, time_limit=1)
+            assert time.perf_counter() - started <= 2, (instance.name, solver)
