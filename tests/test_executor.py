@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import optax
@@ -10,6 +11,7 @@ import pytest
 from helpers import hand_1f1b, uniform
 
 from pipesched import ValidationError
+from pipesched.cli import main
 from pipesched.executor import (
     ModelConfig,
     byte_instance,
@@ -19,6 +21,7 @@ from pipesched.executor import (
     init_optimizer,
     loss_curves,
     make_plan,
+    memory_terms,
     profile_instance,
     run,
     slot_bytes,
@@ -30,6 +33,7 @@ from pipesched.executor._plan import BRANCH, OPS, branch_index
 from pipesched.executor._profile import calibration_plan, calibration_rows
 from pipesched.pipeline import Action, PipelineSchedule, simulate, validate_pipeline
 from pipesched.pipeline.zoo import uniform_instance, zoo_schedule
+from pipesched.solvers import solve_pipeline
 
 MLP = ModelConfig("mlp", microbatch=2, width=8)
 TOL = 1e-5
@@ -156,6 +160,9 @@ def test_run_report_has_the_format_keys(data_parallel):
         == 2 * data_parallel
     assert report["max_abs_grad_error"] <= TOL
     assert report["predicted_executed_step_time_s"] >= report["predicted_step_time_s"] - 1e-12
+    activations = report["predicted_activation_peak_bytes"]
+    assert len(activations) == report["devices"] and len(report["predicted_memory_terms"]) == 2
+    assert all(p > a > 0 for p, a in zip(report["predicted_peak_memory_bytes"], activations))
     assert jax.default_backend() == report["backend"]
 
 
@@ -185,3 +192,36 @@ def test_data_parallel_copies_equal_the_whole_batch_reference(name, P, D):
 def test_data_parallel_needs_enough_devices():
     with pytest.raises(ValueError, match=r"need 16 devices \(2 x 8\)"):
         compile_pipeline(_zoo("1f1b", 8, 8), MLP, data_parallel=2)
+
+
+@pytest.mark.parametrize("model", ["mlp", "gpt-tiny"])
+@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("name, split", [("1f1b", False), ("greedy", True)])
+def test_predicted_memory_is_within_15_percent_of_the_compiled_program(model, P, name, split):
+    instance = uniform_instance(P, 2 * P, 4, 8, W=4 if split else 0, split_backward=split, wgrad_stash=int(split))
+    schedule = solve_pipeline(instance, name).schedule
+    pipeline = compile_pipeline(schedule, model)
+    terms = memory_terms(pipeline)
+    measured = compiled_memory_bytes(pipeline)  # one SPMD program: the same on every device
+    assert all(abs(row["total"] / measured - 1) <= 0.15 for row in terms), (measured, terms)
+    assert all(row["slot_pools"] >= row["activations"] for row in terms)  # pools sized by the busiest device
+
+
+@pytest.mark.parametrize("solver", ["zb-h1", "zb-v"])
+def test_cli_run_builds_the_instance_the_named_schedule_needs(tmp_path, solver):
+    """zb-h1 and zb-v get split backward (and zb-v the V placement) without being told."""
+    out = tmp_path / "report.json"
+    assert main(["run", "--model", "mlp", "--devices", "4", "--solver", solver, "--steps", "1",
+                 "--time-limit", "2", "--report", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["max_abs_grad_error"] <= TOL and len(report["activation_slots"]) == 4
+    assert report["schedule"] == solver and report["mesh"] == {"data": 1, "pipe": 4}
+
+
+def test_cli_run_refuses_a_typed_contradiction_in_one_line(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["run", "--model", "mlp", "--devices", "4", "--solver", "zb-h1", "--no-split-backward",
+                 "--report", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --no-split-backward: zb-h1 needs split_backward=True")
+    assert not out.exists()

@@ -10,6 +10,7 @@ from pipesched.executor._compile import (
                                          unstack,
 )
 from pipesched.executor._distributed import ProcessFailure, distributed_grads, free_port, supervise, worker_commands
+from pipesched.executor._memory import activation_peaks, byte_instance, device_bytes, memory_terms, pool_bytes
 from pipesched.executor._models import (
                                          MODELS,
                                          Batch,
@@ -33,7 +34,6 @@ from pipesched.executor._profile import (
 from pipesched.executor._run import (
                                          REPORT_FORMAT,
                                          Pipeline,
-                                         byte_instance,
                                          compile_pipeline,
                                          compiled_memory_bytes,
                                          gradient_error,
@@ -46,9 +46,10 @@ from pipesched.executor._run import (
 
 __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
-    "ProcessFailure", "StageMemory", "StagedModel", "build_program", "byte_instance", "compile_pipeline",
-    "compiled_memory_bytes", "distributed_grads", "executed_form", "free_port", "gradient_error", "init_optimizer",
-    "loss_curves", "make_batch", "make_mesh", "make_model", "make_plan", "predicted_times", "profile_instance",
+    "ProcessFailure", "StageMemory", "StagedModel", "activation_peaks", "build_program", "byte_instance",
+    "compile_pipeline", "compiled_memory_bytes", "device_bytes", "distributed_grads", "executed_form", "free_port",
+    "gradient_error", "init_optimizer", "loss_curves", "make_batch", "make_mesh", "make_model", "make_plan",
+    "memory_terms", "pool_bytes", "predicted_times", "profile_instance",
     "program_stage_times", "program_tick_times", "reference_grads",
     "reference_loss", "run", "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction",
     "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipesched._common import atomic_target
 from pipesched.executor._models import ModelConfig
 from pipesched.pipeline import PipelineSchedule
 
@@ -130,7 +131,8 @@ def _worker(args: argparse.Namespace) -> None:
     if args.process_id == 0:
         per_stage = unstack(pipeline.program.plan, grads)
         arrays = {f"{s}:{i}": np.asarray(a) for s, g in enumerate(per_stage) for i, a in enumerate(jax.tree.leaves(g))}
-        np.savez(args.out, loss=loss, **arrays)
+        with atomic_target(args.out) as temp, open(temp, "wb") as f:  # never a partial file to read
+            np.savez(f, loss=loss, **arrays)
     jax.distributed.shutdown()
 
 

@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from pipesched.executor._compile import PipelineProgram, build_program, make_mesh, stack_params, unstack
+from pipesched.executor._memory import device_bytes, memory_terms
 from pipesched.executor._models import (
     Batch,
     ModelConfig,
@@ -26,8 +27,7 @@ from pipesched.executor._models import (
     reference_loss,
 )
 from pipesched.executor._plan import executed_form, make_plan, tick_schedule
-from pipesched.executor._profile import StageMemory
-from pipesched.pipeline import PipelineInstance, PipelineSchedule, memory_timeline, program_of, simulate
+from pipesched.pipeline import PipelineInstance, PipelineSchedule, program_of, simulate
 
 REPORT_FORMAT = "pipesched.run-report/1"
 
@@ -114,21 +114,11 @@ def loss_curves(pipeline: Pipeline, steps: int, learning_rate: float = 1e-3, pro
 
 
 def compiled_memory_bytes(pipeline: Pipeline) -> int:
-    """Per-device bytes of the compiled gradient program: arguments + outputs + temporaries."""
+    """Per-device bytes of the compiled gradient program: arguments + outputs + temporaries
+    (what they hold: `pipesched.executor._memory`)."""
     stats = pipeline.program.grads.lower(pipeline.params, pipeline.batch).compile().memory_analysis()
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
                - stats.alias_size_in_bytes)
-
-
-def byte_instance(pipeline: Pipeline) -> PipelineInstance:
-    """The schedule's instance with activation, stash and checkpoint sizes in the model's bytes."""
-    inst = pipeline.schedule.instance
-    stages = []
-    for s, st in enumerate(inst.stages):
-        mem = StageMemory(pipeline.model, s, inst.split_backward)
-        stages.append(dataclasses.replace(st, activation=mem.activation, wgrad_stash=mem.stash,
-                                          checkpoint=min(mem.hidden, mem.activation)))
-    return inst.replace(stages=tuple(stages), memory_limit=None)
 
 
 def predicted_times(schedule: PipelineSchedule, timing: PipelineInstance | None) -> tuple[float, float]:
@@ -153,13 +143,16 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
     profile_instance, durations in units of `time_unit_s`) gives the predicted times; without it
     the schedule's own durations are used with the same unit. `data_parallel` runs that many
     copies of the pipeline on shards of the data (`compile_pipeline`); the predictions are those
-    of one copy.
+    of one copy. The predicted memory is `memory_terms` (the buffers the gradient program holds,
+    term by term, against `compiled_memory_bytes`); the schedule's own activation peak is kept
+    as `predicted_activation_peak_bytes`.
     """
     pipeline = compile_pipeline(schedule, model, seed=seed, devices=devices, data_parallel=data_parallel)
     loss, ref_loss, error = gradient_error(pipeline)
     optimizer = optax.adam(learning_rate)
     step = train_step_fn(pipeline, optimizer)
     params, opt_state = pipeline.params, init_optimizer(pipeline, optimizer)
+    optimizer_bytes = device_bytes(opt_state)
     times, losses = [], []
     for i in tqdm(range(warmup + steps), desc=f"run {schedule.solver}", disable=not progress):
         t0 = time.perf_counter()
@@ -170,7 +163,7 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
     makespan, executed = predicted_times(schedule, timing)
     memory = compiled_memory_bytes(pipeline)
     plan = pipeline.program.plan
-    predicted_memory = memory_timeline(byte_instance(pipeline), schedule.ops).peaks
+    terms = memory_terms(pipeline)
     return {
         "format": REPORT_FORMAT,
         "schedule": schedule_name or schedule.solver,
@@ -186,7 +179,10 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
         "predicted_executed_step_time_s": executed * time_unit_s,
         "executed_overhead": executed / makespan - 1 if makespan else 0.0,
         "peak_memory_bytes": [memory] * (plan.num_devices * data_parallel),
-        "predicted_peak_memory_bytes": list(predicted_memory) * data_parallel,  # mesh order: data-major
+        "predicted_peak_memory_bytes": [row["total"] for row in terms] * data_parallel,  # mesh order: data-major
+        "predicted_activation_peak_bytes": [row["activations"] for row in terms] * data_parallel,
+        "predicted_memory_terms": terms,  # per pipe device of one copy: the buffers the program holds
+        "optimizer_state_bytes": [optimizer_bytes] * (plan.num_devices * data_parallel),  # not in the program
         "activation_slots": list(plan.residual_slots),
         "ticks": plan.ticks,
         "train_losses": losses,
