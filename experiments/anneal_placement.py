@@ -11,7 +11,8 @@ when it lowers the cost, else with probability exp(-increase / temperature); the
 geometrically from `--hot` to `--cold`, in units of one batch's cost (one token at b = 1). Only
 the batches holding a moved expert are re-evaluated. Each row holds the annealed cost against the
 benchmark's proven bound, and the cost that a 5% gap would need at that bound.
-Writes experiments/results/anneal_placement.json and prints it.
+Writes experiments/results/anneal_placement.json after every case (so an interrupted run keeps the
+cases it finished; a new run starts over) and prints each row.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench_placement import synthetic
 from pipesched.solvers import solve_placement
 from pipesched.solvers._placement_common import aggregate
 
+from pipesched._common import write_json
 from pipesched.placement import PlacementInstance, placement_cost
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -152,8 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "cost_for_5pct_gap": None if bound is None else 1.05 * bound,
         })
         print(json.dumps(rows[-1]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(rows, args.out)  # after every case, so an interrupted run keeps the cases it finished
     return rows
 
 

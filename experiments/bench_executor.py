@@ -32,15 +32,16 @@ os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_cpu_m
 
 import argparse
 import dataclasses
-import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 from pipesched.solvers import MemoryLimitError, solve_pipeline
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.executor import (
     ModelConfig,
     byte_instance,
@@ -117,11 +118,14 @@ def pool_bytes(pipeline) -> int:
             + (max(plan.stash_slots, default=0) + 1) * size["stash"])
 
 
-def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: float, rounds: int) -> list[dict]:
-    """Profile, solve, compile and time every pending schedule (interleaved rounds)."""
+def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: float,
+                rounds: int) -> Iterator[dict]:
+    """Profile, solve, compile and time every pending schedule (interleaved rounds), then yield
+    their rows one by one (the timing rounds interleave every schedule, so no row is done before
+    the last round)."""
     specs = [s for s in schedule_specs(quick) if spec_name(*s) not in done]
     if not specs:
-        return []
+        return
     splits = sorted({s[0] for s in specs})
     profiled = {split: profile_instance(config, (0, 1), M, split_backward=split, allow_remat=True, repeats=5)
                 for split in tqdm(splits, desc="profile ops in program")}
@@ -142,12 +146,11 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
     for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
         for name, (_, pipeline, *_) in compiled.items():
             times[name] += median_time(pipeline.program.grads, (pipeline.params, pipeline.batch), 2)
-    rows = []
     for name, (schedule, pipeline, timing, timing_alone, k, ticks) in compiled.items():
         makespan, executed = predicted_times(schedule, timing)
         makespan_alone, executed_alone = predicted_times(schedule, timing_alone)
         stages = timing.stages
-        rows.append({
+        yield {
             "name": name, "split": schedule.instance.split_backward, "solver": schedule.solver,
             "memory_limit_activations": k,
             "rematerialized": len(schedule.rematerialized),
@@ -163,8 +166,7 @@ def timing_rows(config: ModelConfig, quick: bool, done: set[str], time_limit: fl
             "stash_slots": list(pipeline.program.plan.stash_slots), "hidden_slots": pipeline.program.plan.hidden_slots,
             "compiled_memory_bytes": compiled_memory_bytes(pipeline), "pool_bytes": pool_bytes(pipeline),
             "predicted_peak_memory_bytes": list(memory_timeline(byte_instance(pipeline), schedule.ops).peaks),
-        })
-    return rows
+        }
 
 
 def loss_row(steps: int) -> dict:
@@ -249,7 +251,19 @@ def write_markdown(results: dict, path: Path) -> None:
                  *(f"{v / 2**20:.2f}" for v in (r["compiled_memory_bytes"], r["pool_bytes"],
                                                 max(r["predicted_peak_memory_bytes"])))]
         lines.append("| " + " | ".join(cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def same_setup(results: dict, config: ModelConfig) -> bool:
+    """Whether saved results are of this model and method (others are measured again)."""
+    return results.get("model") == dataclasses.asdict(config) and results.get("method") == METHOD
+
+
+def resumable(results: dict, config: ModelConfig) -> bool:
+    """Saved results of this setup hold the lists main() appends to (any other setup is replaced)."""
+    return not same_setup(results, config) or (
+        isinstance(results["timing"], list) and isinstance(results["loss"], list)
+        and all(isinstance(r, dict) and "name" in r for r in results["timing"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -259,19 +273,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per schedule")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if results.get("model") != dataclasses.asdict(config) or results.get("method") != METHOD:
+    results = read_results(args.out, {}, valid=lambda r: resumable(r, config))
+    if not same_setup(results, config):
         results = {"model": dataclasses.asdict(config), "method": METHOD, "timing": [], "loss": []}
     results["backend"] = jax.default_backend()
     done = {r["name"] for r in results["timing"]}
-    load_before = os.getloadavg()
-    results["timing"] += timing_rows(config, args.quick, done, args.time_limit, rounds=3 if args.quick else 5)
-    results["load_average_1min"] = [load_before[0], os.getloadavg()[0]]  # before and after timing (shared machine)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    load_before = os.getloadavg()[0]
+    results["load_average_1min"] = None
+    for row in timing_rows(config, args.quick, done, args.time_limit, rounds=3 if args.quick else 5):
+        if results["load_average_1min"] is None:  # the first row comes once every timing round has run
+            results["load_average_1min"] = [load_before, os.getloadavg()[0]]  # before, after timing (shared machine)
+        results["timing"].append(row)
+        write_json(results, args.out)  # after every row: a killed run keeps the rows already written
+    if results["load_average_1min"] is None:
+        results["load_average_1min"] = [load_before, os.getloadavg()[0]]
+    write_json(results, args.out)
     if not results["loss"]:
         results["loss"].append(loss_row(20 if args.quick else 100))
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(results, args.out)
     write_markdown(results, args.out.with_suffix(".md"))
     print("\n".join(summary(results)))
     return results

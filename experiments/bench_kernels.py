@@ -15,7 +15,6 @@ Writes bench_kernels.json and bench_kernels.md with median times.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from pipesched.kernels import Tiling, compiled_backend, grouped_matmul, grouped_matmul_reference
 from tqdm.auto import tqdm
+
+from pipesched._common import atomic_write, read_results, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_SIZES = [(m, k, n, e) for m in (4096, 16384) for (k, n) in ((1024, 1024), (4096, 1024)) for e in (8, 64)]
@@ -105,7 +106,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
                 f"{r['pass']} | "
                 f"{tuple(r['tiling'])} | {1e3 * r['kernel_s']:.3f} | {1e3 * r['ragged_dot_s']:.3f} | "
                 f"{r['speedup']:.2f} |" for r in best.values()]
-    path.write_text("Median times (jax.block_until_ready); speedup = ragged_dot time / kernel time.\n\n"
+    atomic_write(path, "Median times (jax.block_until_ready); speedup = ragged_dot time / kernel time.\n\n"
                     "Fastest tiling per size:\n\n" + "\n".join(summary) + "\n\nEvery run:\n\n"
                     + "\n".join(lines) + "\n")
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:
         tilings = (GPU_TILINGS[:2] if args.quick else GPU_TILINGS) if compiled else [Tiling(64, 64, 128)]
     repeats = 3 if args.quick else args.repeats
-    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    rows = read_results(args.out, [], valid=lambda rows: all(key(r) for r in rows))
     done = {key(r) for r in rows}
     jobs = [(i, size, tiling, backward) for i, size in enumerate(sizes) for tiling in tilings
             for backward in (False, True)]
@@ -138,8 +139,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if key(probe) in done:
             continue
         rows.append(bench_row(size, dtype, tiling, repeats, seed=i, backward=backward))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(rows, args.out)  # after every row: a killed run loses at most the row in flight
     write_markdown(rows, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
     return rows

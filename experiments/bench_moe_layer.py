@@ -17,7 +17,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 from pipesched.solvers import solve_placement
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.moe import (
     ExpertPlan,
     expert_mesh,
@@ -90,7 +90,7 @@ def write_markdown(rows: list[dict], path: Path) -> None:
               f"{r['max_output_error']:.1e} | {r['dropped']} |" for r in rows]
     worst_load = max(r["max_load_error"] for r in rows)
     worst_out = max(r["max_output_error"] for r in rows)
-    path.write_text(f"{len(rows)} runs: worst |measured - predicted load| = {worst_load:.1e}, "
+    atomic_write(path, f"{len(rows)} runs: worst |measured - predicted load| = {worst_load:.1e}, "
                     f"worst |layer - dense reference| = {worst_out:.1e} (fp32).\n\n" + "\n".join(lines) + "\n")
 
 
@@ -102,14 +102,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_moe_layer.json")
     args = parser.parse_args(argv)
     configs, tokens = (CONFIGS[:1], 256) if args.quick else (CONFIGS, args.tokens)
-    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    rows = read_results(args.out, [], valid=lambda rows: all(len(row_key(r)) == 7 for r in rows))
     done = {row_key(r) for r in rows}
     jobs = [(c, s, b) for c in configs for s in SOLVERS for b in BATCH_SIZES
             if (*c, s, b or "whole", tokens) not in done]
     for config, solver, batch_size in tqdm(jobs, desc="MoE layer vs placement"):
         rows.append(bench_row(config, solver, batch_size, tokens, args.time_limit))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(rows, args.out)  # after every row: a killed run loses at most the row in flight
     write_markdown(rows, args.out.with_suffix(".md"))
     print(args.out.with_suffix(".md").read_text())
     return rows

@@ -19,7 +19,6 @@ CP-SAT's method name carries its time limit) are skipped. Writes bench_pipeline.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 from pipesched.solvers import MemoryLimitError, solve_pipeline
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.pipeline import PipelineInstance, zoo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def write_markdown(results: dict, path: Path, public: list[str], cpsat: str) -> 
             "named schedule exceeds the memory limit; max limit = largest per-device memory limit.", "",
             *lines, "", "Greedy at scale:", "", *scaling, "", "Summary:", "",
             *(f"- {s}" for s in summary(rows, public, cpsat)), *(f"- {a}" for a in anomalies(rows))]
-    path.write_text("\n".join(text) + "\n")
+    atomic_write(path, "\n".join(text) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,15 +248,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     def save(results: dict) -> None:
         """Both files after every row, so an interrupted run leaves a consistent table."""
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(results, args.out)
         write_markdown(results, args.out.with_suffix(".md"), names, cpsat)
 
     def pending(instances: list[PipelineInstance]) -> list[tuple[PipelineInstance, str]]:
         done = {(r["instance"], r["method"]) for r in results["rows"]}
         return [(i, m) for i in instances for m in methods(i, time_limit) if (i.name, m) not in done]
 
-    results = json.loads(args.out.read_text()) if args.out.exists() else {"rows": [], "scaling": []}
+    results = read_results(args.out, {"rows": [], "scaling": []},
+                           valid=lambda r: all("instance" in row and "method" in row for row in r["rows"])
+                           and all("instance" in s for s in r["scaling"]))
     for instance, method in tqdm(pending(public), desc="public instances", unit="run"):
         results["rows"].append(describe(instance) | run_method(instance, method, time_limit, args.workers))
         save(results)

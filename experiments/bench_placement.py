@@ -32,6 +32,7 @@ from pathlib import Path
 from pipesched.solvers import PLACEMENT_SOLVERS, solve_placement
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.placement import PlacementInstance, synthetic_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,18 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     wanted = [(instance, source, b, solver, args.cpsat_limit if solver == "cpsat" else args.search_limit)
               for (instance, source), b, solver in itertools.product(cases, args.batch_sizes, args.solvers)
               if not (solver == "cpsat" and instance.num_experts > CPSAT_MAX_EXPERTS)]
-    rows = fresh_rows(json.loads(args.out.read_text()) if args.out.exists() else [], cases, args.batch_sizes, code)
+    rows = fresh_rows(read_results(args.out, [], valid=lambda rows: all("instance_digest" in r for r in rows)),
+                      cases, args.batch_sizes, code)
     done = {row_key(r) for r in rows}
     todo = [case for case in wanted
             if (instance_digest(case[0], case[2]), case[3], case[4], code) not in done]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(rows, args.out)
     for instance, source, b, solver, time_limit in tqdm(todo, desc="bench placement"):
         new = row(instance, source, b, solver, time_limit, code, command)  # replaces one with another limit
         rows = [r for r in rows if (r["instance_digest"], r["solver"]) != (new["instance_digest"], solver)] + [new]
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        write_json(rows, args.out)  # after every row: a killed run loses at most the row in flight
     check_consistency(rows)
-    args.out.with_suffix(".md").write_text(report(rows))
+    atomic_write(args.out.with_suffix(".md"), report(rows))
     print(f"wrote {len(rows)} rows to {args.out} and {args.out.with_suffix('.md')}")
 
 

@@ -21,7 +21,6 @@ resumes) and bench_remat.md.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -32,6 +31,7 @@ from pipesched.solvers._remat_bounds import smallest_peak
 from pipesched.solvers._remat_chain_dp import chain_tables
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.remat import Chain, RematInstance, chain_instance, chain_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         args.cpsat_limit = args.rl100_limit = 5.0
         args.chain_layers, args.repeats, args.small_chains = [10, 100], 1, 5
 
-    rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    rows = read_results(args.out, [], valid=lambda rows: all("kind" in r and "instance" in r for r in rows))
     done = {(r["instance"], r.get("solver")) for r in rows}
     paths = sorted(args.instances.glob("*.json"))
     todo = [("chain-dp", layers, None) for layers in args.chain_layers
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(chain_row(what, args.repeats))
         else:
             rows.append(chain_vs_cpsat_row(what, args.cpsat_limit))
-        args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(report(rows))
+        write_json(rows, args.out)  # after every row: a killed run loses at most the row in flight
+    atomic_write(args.out.with_suffix(".md"), report(rows))
     print(f"wrote {len(rows)} rows to {args.out} and {args.out.with_suffix('.md')}")
 
 

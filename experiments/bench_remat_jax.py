@@ -20,7 +20,6 @@ run resumes), bench_remat_jax.md, and the traced graph as remat_gpt_instance.jso
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 from pipesched.solvers import solve_remat
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.remat import (
     GPTConfig,
     LossProblem,
@@ -118,7 +118,8 @@ def run(quick: bool, fractions: tuple[float, ...], cpsat_limit: float, out: Path
     instance.save(out.parent / f"remat_{name}_instance.json")
     traced = trace_loss(problem.loss_fn, *problem.args)
     plain = jax.jit(jax.grad(problem.loss_fn))(*problem.args)
-    rows = json.loads(out.read_text()) if out.exists() else []
+    rows = read_results(out, [], valid=lambda rows: all(
+        {"model", "fraction", "solver", "mode"} <= r.keys() for r in rows))
     done = {(r["model"], r["fraction"], r["solver"], r["mode"]) for r in rows}
     todo = [t for t in tasks(fractions) if (name, *t) not in done]
     for fraction, solver, mode in tqdm(todo, desc=f"remat {name}"):
@@ -131,7 +132,7 @@ def run(quick: bool, fractions: tuple[float, ...], cpsat_limit: float, out: Path
             row = schedule_row(problem, instance, schedule, plain, mode)
         rows.append({"model": name, "fraction": fraction, "budget": sized.budget, "solver": solver, "mode": mode,
                      "nodes": len(instance.nodes), **row})
-        out.write_text(json.dumps(rows, indent=1))
+        write_json(rows, out)  # after every row: a killed run loses at most the row in flight
     return rows
 
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     limit = args.cpsat_limit or (5.0 if args.quick else 60.0)
     rows = run(args.quick, tuple(args.fractions), limit, args.out)
-    args.out.with_suffix(".md").write_text(markdown(rows))
+    atomic_write(args.out.with_suffix(".md"), markdown(rows))
     print(args.out.with_suffix(".md").read_text())
 
 

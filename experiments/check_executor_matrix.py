@@ -17,7 +17,6 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import jax
 from tqdm.auto import tqdm
 
+from pipesched._common import atomic_write, read_results, write_json
 from pipesched.executor import ModelConfig, compile_pipeline, gradient_error
 from pipesched.pipeline.zoo import ZOO
 
@@ -110,16 +110,16 @@ def main() -> None:
     cases, refusals = zoo_matrix(DEVICES)
     cases += solver_matrix(DEVICES)
     todo = [c for c in cases if not args.quick or c.num_devices == 2]
-    done = json.loads(args.out.read_text())["cases"] if args.out.exists() else []
+    done = read_results(args.out, {"cases": [], "refused": []},
+                        valid=lambda r: all("case" in row for row in r["cases"]))["cases"]
     rows = {r["case"]: r for r in done}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     refused = [{"name": r.name, "shape": r.shape, "P": r.num_devices, "reason": r.reason} for r in refusals]
     for case in tqdm([c for c in todo if c.id not in rows], desc="executor matrix"):
         rows[case.id] = check(case)
-        args.out.write_text(json.dumps({"cases": list(rows.values()), "refused": refused}, indent=1))
+        write_json({"cases": list(rows.values()), "refused": refused}, args.out)  # after every case
     ordered = [rows[c.id] for c in cases if c.id in rows]
-    args.out.write_text(json.dumps({"cases": ordered, "refused": refused}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(ordered, refused))
+    write_json({"cases": ordered, "refused": refused}, args.out)
+    atomic_write(args.out.with_suffix(".md"), markdown(ordered, refused))
     failed = [r["case"] for r in ordered if not r["pass"]]
     print(f"{len(ordered) - len(failed)}/{len(ordered)} cases pass; "
           f"max grad error {max(r['max_grad_error'] for r in ordered):.2e}")

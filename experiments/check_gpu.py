@@ -17,7 +17,6 @@ Writes a JSON report (default experiments/results/check_gpu.json) and prints a s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import jax
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from pipesched.kernels import Tiling, compiled_backend, grouped_matmul, grouped_matmul_reference
 
+from pipesched._common import write_json
 from pipesched.executor import run
 from pipesched.moe import ExpertPlan, expert_mesh, expert_parallel_moe, init_moe_params, measured_loads, moe_reference
 from pipesched.pipeline.zoo import interleaved_placement, uniform_instance, zoo_schedule
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
               "kernel": kernel_rows(), "moe_layer": moe_rows(), "executor": executor_rows()}
     report["ok"] = all(r["ok"] for part in ("kernel", "moe_layer", "executor") for r in report[part])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(report, args.out)
     for part in ("kernel", "moe_layer", "executor"):
         passed = sum(r["ok"] for r in report[part])
         print(f"{part}: {passed}/{len(report[part])} ok")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from pipesched._common import write_json
 from pipesched.moe import Language, TransformerConfig, held_out_tokens, routing_traces, train_trace_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "traces"
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                "held_out_tokens": int(tokens.size), "layers": [p.name for p in paths],
                "expert_share": [(inst.batch_counts.sum(axis=0) / inst.batch_counts.sum()).round(4).tolist()
                                 for inst in instances]}
-    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(summary, summary_path)  # last, atomically: it marks the model's files complete
     print(f"trained {trained.steps} steps in {trained.seconds:.0f} s, loss {summary['first_loss']:.3f} -> "
           f"{summary['final_loss']:.3f}; wrote {len(paths)} traces to {args.out}")
     return paths

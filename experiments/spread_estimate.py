@@ -26,6 +26,8 @@ import numpy as np
 from bench_placement import synthetic
 from pipesched.solvers import solve_placement
 
+from pipesched._common import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -82,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "local_search_spread": sum(len({host[e] for e in t}) == len(t) for t in loners),
         "local_search_cost": result.objective, "lower_bound": result.lower_bound,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(report, args.out)
     print(json.dumps(report, indent=1))
     return report
 

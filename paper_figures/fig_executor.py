@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from pipesched._common import atomic_target
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "experiments" / "results" / "bench_executor.json"
 BENCH = REPO / "experiments" / "bench_executor.py"
@@ -66,7 +68,8 @@ def time_figure(rows: list[dict], path: Path) -> Path:
            title="Pipelined forward/backward, 2-device CPU mesh")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     plt.close(fig)
     return path
 
@@ -84,7 +87,8 @@ def memory_figure(rows: list[dict], path: Path) -> Path:
     ax.set(ylabel="MiB per device", title="Memory per device: compiled program vs the schedule's prediction")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     plt.close(fig)
     return path
 
@@ -102,7 +106,8 @@ def loss_figure(row: dict, path: Path) -> Path:
            title=f"gpt-tiny loss curves (max |diff| {row['max_abs_difference']:.1e})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     plt.close(fig)
     return path
 

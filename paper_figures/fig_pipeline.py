@@ -21,6 +21,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from bench_pipeline import family_instance, methods, run_method
 
+from pipesched._common import atomic_target
 from pipesched.pipeline.zoo import ZOO
 
 MARKERS = "osD^v<>pXh*P"
@@ -82,7 +83,8 @@ def plot(panels: list[tuple[str, Series]], P: int, path: Path) -> Path:
     fig.suptitle("Pipeline schedules under a memory limit (split backward). Missing point: does not fit; "
                  "hollow: not proven optimal", fontsize=11)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     plt.close(fig)
     return path
 

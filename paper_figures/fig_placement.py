@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from pipesched.solvers import solve_placement
 
+from pipesched._common import atomic_target
 from pipesched.placement import synthetic_traces
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_placement.json"
@@ -72,7 +73,8 @@ def plot(trace: str, rows: list[dict], path: Path) -> Path:
     ax.set_title(trace, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     return path
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from pipesched.solvers import solve_remat
 
+from pipesched._common import atomic_target
 from pipesched.remat import RematInstance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,8 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     return path
 
 

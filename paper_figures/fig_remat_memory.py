@@ -17,6 +17,7 @@ import jax
 from matplotlib.figure import Figure
 from pipesched.solvers import solve_remat
 
+from pipesched._common import atomic_target
 from pipesched.remat import GPTConfig, compiled_memory, gpt_problem, memory_report, remat_instance_from_jax
 
 BENCH = Path(__file__).resolve().parents[1] / "experiments" / "results" / "bench_remat_jax.json"
@@ -89,7 +90,8 @@ def plot(rows: list[dict], path: Path) -> Path:
     sweep.set_title("memory falls with the budget", fontsize=9)
     sweep.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_target(path) as temp:  # temp file + fsync + os.replace: never a partial figure
+        fig.savefig(temp, dpi=150)
     return path
 
 

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipesched._common import FormatError, write_json
+from pipesched._common import FormatError, atomic_target, write_json
 from pipesched.pipeline._model import PipelineSchedule
 from pipesched.pipeline._validate import memory_timeline
 
@@ -55,16 +55,13 @@ def _quantum(schedule: PipelineSchedule, max_columns: int) -> float:
 def gantt(schedule: PipelineSchedule, path: str | Path, *, title: str | None = None) -> Path:
     """A Gantt chart (one row per device, ops coloured by kind, microbatch numbers on the bars)
     above the memory curve of every device, with the memory limits dashed. PNG or PDF by suffix."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (inline in Jupyter) is left alone
     from matplotlib.patches import Patch
 
     instance = schedule.instance
     P = instance.num_devices
-    fig, (ax, mem_ax) = plt.subplots(2, 1, figsize=(12, 1.2 + 0.5 * P + 2.5), sharex=True,
-                                     gridspec_kw={"height_ratios": [max(P, 2), 3]})
+    fig = Figure(figsize=(12, 1.2 + 0.5 * P + 2.5))
+    ax, mem_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(P, 2), 3]})
     for op in schedule.ops:
         d = schedule.device_of(op)
         ax.barh(d, op.end - op.start, left=op.start, height=0.8, color=OP_COLORS[op.op],
@@ -93,9 +90,8 @@ def gantt(schedule: PipelineSchedule, path: str | Path, *, title: str | None = N
     mem_ax.legend(fontsize=7, ncols=min(P, 8), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with atomic_target(path) as temp:  # the suffix is kept, so savefig still picks PNG or PDF by it
+        fig.savefig(temp, dpi=120)
     return path
 
 
@@ -128,6 +124,7 @@ def chrome_trace(schedule: PipelineSchedule, *, time_unit_us: float = 1.0) -> di
 
 
 def save_chrome_trace(schedule: PipelineSchedule, path: str | Path) -> Path:
+    """Write `chrome_trace` to `path` as JSON, atomically (`write_json`)."""
     write_json(chrome_trace(schedule), path)
     return Path(path)
 
