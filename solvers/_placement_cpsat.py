@@ -174,14 +174,19 @@ def solve_cpsat(
             for d in range(e + 1, G):
                 model.add(x[e, d] == 0)
     elif not labelled:
-        for d, e in itertools.product(range(G - 1), range(E)):  # e on d + 1: d hosts an expert <= e
-            model.add(sum(x[f, d] for f in range(e + 1)) >= x[e, d + 1])
+        for d in range(G - 1):  # e on d + 1: d hosts an expert <= e
+            if deadline.passed():
+                return CpsatOutcome(None, None, False)
+            column = [x[f, d] for f in range(E)]
+            for e in range(E):
+                model.add(cp_model.LinearExpr.sum(column[:e + 1]) >= x[e, d + 1])
     for u, row in enumerate(counts):
         if deadline.passed():
             return CpsatOutcome(None, None, False)
         used = np.flatnonzero(row)
+        weights = [int(row[e]) for e in used]
         for d in range(G):
-            load = sum(int(row[e]) * q[e, d] for e in used)
+            load = cp_model.LinearExpr.weighted_sum([q[e, d] for e in used], weights)
             model.add(load <= M[u])
             if u in over:  # the same when over[u] is false, stated so that it propagates
                 model.add(load <= int(lows[u])).only_enforce_if(~over[u])
@@ -341,15 +346,20 @@ def replica_bound(instance: PlacementInstance, batches: Batches, *, time_limit: 
     for e in range(E):
         model.add_exactly_one(y[e, r] for r in range(1, R + 1))
     model.add(sum((r - 1) * y[e, r] for e in range(E) for r in range(2, R + 1)) <= spare)
+    shares = [S // r for r in range(1, R + 1)]
+    trivial = float(batches.multiplicity @ lows)
     for u, row in enumerate(counts):
+        if deadline.passed():  # building outlasted the time limit: the per-batch bounds only
+            return trivial / (S * int(batches.multiplicity.sum()))
         for e in np.flatnonzero(row):
-            model.add(M[u] >= sum(int(row[e]) * (S // r) * y[e, r] for r in range(1, R + 1)))
+            model.add(M[u] >= cp_model.LinearExpr.weighted_sum([y[e, r] for r in range(1, R + 1)],
+                                                                [int(row[e]) * share for share in shares]))
 
     # objective
-    model.minimize(sum(int(m) * M[u] for u, m in enumerate(batches.multiplicity)))
+    model.minimize(cp_model.LinearExpr.weighted_sum(M, [int(m) for m in batches.multiplicity]))
 
     # solve: any proven objective bound is valid, optimal or not
-    relaxed = max(float(batches.multiplicity @ lows), _proven_bound(model, deadline.left(), workers, seed))
+    relaxed = max(trivial, _proven_bound(model, deadline.left(), workers, seed))
     return relaxed / (S * int(batches.multiplicity.sum()))
 
 

@@ -244,6 +244,8 @@ def _descend(state: _Search, rng: np.random.Generator, deadline: float, plateau:
     while improved and time.perf_counter() < deadline:
         improved = False
         for k in rng.permutation(len(pairs)):
+            if time.perf_counter() >= deadline:  # (a sweep over many device pairs takes a while)
+                return
             a, b = pairs[k]
             change, spread, (leave_a, leave_b) = state.best_pair_move(a, b, plateau)
             if change < -_EPS or spread < -_EPS:
