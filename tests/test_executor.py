@@ -17,6 +17,8 @@ from pipesched.executor import (
     byte_instance,
     compile_pipeline,
     compiled_memory_bytes,
+    compiled_step_memory_bytes,
+    device_bytes,
     gradient_error,
     init_optimizer,
     loss_curves,
@@ -197,14 +199,20 @@ def test_data_parallel_needs_enough_devices():
 @pytest.mark.parametrize("model", ["mlp", "gpt-tiny"])
 @pytest.mark.parametrize("P", [2, 4])
 @pytest.mark.parametrize("name, split", [("1f1b", False), ("greedy", True)])
-def test_predicted_memory_is_within_15_percent_of_the_compiled_program(model, P, name, split):
+def test_predicted_memory_is_within_15_percent_of_the_compiled_programs(model, P, name, split):
     instance = uniform_instance(P, 2 * P, 4, 8, W=4 if split else 0, split_backward=split, wgrad_stash=int(split))
     schedule = solve_pipeline(instance, name).schedule
     pipeline = compile_pipeline(schedule, model)
-    terms = memory_terms(pipeline)
-    measured = compiled_memory_bytes(pipeline)  # one SPMD program: the same on every device
-    assert all(abs(row["total"] / measured - 1) <= 0.15 for row in terms), (measured, terms)
+    optimizer = optax.adam(1e-3)
+    opt_state = init_optimizer(pipeline, optimizer)
+    terms = memory_terms(pipeline, device_bytes(opt_state))
+    gradient_program = compiled_memory_bytes(pipeline)  # one SPMD program: the same on every device
+    step = compiled_step_memory_bytes(pipeline, optimizer, opt_state)
+    assert all(abs(row["total"] / step - 1) <= 0.15 for row in terms), (step, terms)
+    assert all(abs((row["gradient_program"] - row["optimizer_state"]) / gradient_program - 1) <= 0.15
+               for row in terms), (gradient_program, terms)
     assert all(row["slot_pools"] >= row["activations"] for row in terms)  # pools sized by the busiest device
+    assert all(row["optimizer_state"] >= 2 * row["parameters"] for row in terms)  # Adam: two moments
 
 
 @pytest.mark.parametrize("solver", ["zb-h1", "zb-v"])

@@ -1,6 +1,7 @@
 """Acceptance matrix of the executor: every zoo schedule on every shape it supports, and greedy and
 CP-SAT schedules with split backward and remat, on P in {2, 4, 8}: pipelined loss and every
-parameter gradient equal the single-device reference (max abs error <= 1e-5, fp32)."""
+parameter gradient equal the single-device reference (max abs error <= 1e-5, fp32), and the
+predicted peak memory of a training step is within 15% of the compiled programs'."""
 
 from __future__ import annotations
 
@@ -8,16 +9,29 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from executor_matrix import DEVICES, SHAPES, Case, Refusal, ops_used, solver_matrix, zoo_instance, zoo_matrix
 
 from pipesched._common import FormatError
-from pipesched.executor import ModelConfig, compile_pipeline, make_batch, make_model, reference_grads, unstack
+from pipesched.executor import (
+    ModelConfig,
+    compile_pipeline,
+    compiled_step_memory_bytes,
+    device_bytes,
+    init_optimizer,
+    make_batch,
+    make_model,
+    memory_terms,
+    reference_grads,
+    unstack,
+)
 from pipesched.pipeline import PipelineSchedule
 from pipesched.pipeline.zoo import ZOO, zoo_schedule
 
 MLP = ModelConfig("mlp", microbatch=2, width=8)
 TOL = 1e-5
+MEMORY_TOL = 0.15  # predicted / compiled peak memory of a training step, minus 1
 ZOO_CASES, REFUSALS = zoo_matrix()
 SOLVER_CASES = solver_matrix()
 
@@ -38,6 +52,11 @@ def _assert_equals_reference(schedule: PipelineSchedule) -> None:
     assert abs(float(loss) - ref_loss) <= TOL
     assert len(grads) == len(ref_grads)
     assert max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in zip(grads, ref_grads)) <= TOL
+    optimizer = optax.adam(1e-3)
+    opt_state = init_optimizer(pipeline, optimizer)
+    compiled = compiled_step_memory_bytes(pipeline, optimizer, opt_state)
+    predicted = [row["total"] for row in memory_terms(pipeline, device_bytes(opt_state))]
+    assert all(abs(p / compiled - 1) <= MEMORY_TOL for p in predicted), (compiled, predicted)
 
 
 def _ids(items: list[Case] | list[Refusal]) -> list[str]:

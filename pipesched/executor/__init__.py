@@ -36,21 +36,23 @@ from pipesched.executor._run import (
                                          Pipeline,
                                          compile_pipeline,
                                          compiled_memory_bytes,
+                                         compiled_step_memory_bytes,
                                          gradient_error,
                                          init_optimizer,
                                          loss_curves,
                                          predicted_times,
                                          run,
+                                         optimizer_update_fn,
                                          train_step_fn,
 )
 
 __all__ = [
     "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
     "ProcessFailure", "StageMemory", "StagedModel", "activation_peaks", "build_program", "byte_instance",
-    "compile_pipeline", "compiled_memory_bytes", "device_bytes", "distributed_grads", "executed_form", "free_port",
+    "compile_pipeline", "compiled_memory_bytes", "compiled_step_memory_bytes", "device_bytes", "distributed_grads", "executed_form", "free_port",
     "gradient_error", "init_optimizer", "loss_curves", "make_batch", "make_mesh", "make_model", "make_plan",
     "memory_terms", "pool_bytes", "predicted_times", "profile_instance",
     "program_stage_times", "program_tick_times", "reference_grads",
     "reference_loss", "run", "slot_bytes", "stack_params", "stage_times", "supervise", "tick_prediction",
-    "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
+    "optimizer_update_fn", "tick_schedule", "tick_times", "train_step_fn", "unstack", "worker_commands",
 ]

@@ -5,20 +5,25 @@
 assignment) they hold:
 
 - arguments: the device's stacked parameters and the inputs and targets of all M microbatches
-  (each `pipe` device gets the whole batch of its `data` shard; the action table is a constant);
+  (each `pipe` device gets the whole batch of its `data` shard);
 - outputs: the device's parameter gradients and the loss (plus an 8-byte pointer per output leaf);
-- temporaries: the scan carry (the slot pools and the gradient accumulators) and the working
-  memory of one tick: the values its `lax.switch` branch returns, and the branch's intermediates.
+- temporaries: the device's row of the action table (sliced out of the program's constant), the
+  scan carry (the slot pools and the gradient accumulators) and the working memory of one tick:
+  the values its `lax.switch` branch returns, and the branch's intermediates (branches share it).
 
 The prediction adds up these terms (`memory_terms`); the activation term is the larger of the
 schedule's own peak (formats.md rule 5, `byte_instance`) and the pools the program allocates (an
 SPMD program gives every device the pools of the busiest one, each slot as large as the largest
 stage kind's values). A branch's intermediates (the unpacked residuals it packs into a slot, the
-stage's working values) are not predicted: XLA reuses their memory, and they leave the prediction
-2-9% low on gpt-tiny (0-4% high on the MLP, where XLA shares some tick values).
+stage's working values) are not predicted: XLA reuses their memory, and they leave the step's
+prediction 2-8% low on gpt-tiny and 3-14% low on the executor matrix's width-8 MLP, where they are a
+large share (2-4% high on the default MLP, where XLA shares some tick values).
 
-The optimizer state is not held by the gradient program (the update is jitted apart,
-`train_step_fn`); it is reported on its own (`optimizer_state_bytes`).
+A training step runs two programs (`train_step_fn`): the gradient program, while the optimizer
+state waits in device memory, then the optimizer update (arguments: parameters, optimizer state and
+gradients; outputs: the new parameters and state), while the microbatches wait. The step's peak is
+the larger of the two (`compiled_step_memory_bytes` measures it the same way); the update's few
+temporaries (68 bytes for Adam here) are not predicted.
 """
 
 from __future__ import annotations
@@ -77,21 +82,35 @@ def tick_value_bytes(pipeline: Pipeline) -> int:
     return size["hidden"] + size["residual"] + size["stash"] + grads + LOSS_BYTES
 
 
-def memory_terms(pipeline: Pipeline) -> list[dict[str, int]]:
-    """Per `pipe` device of one pipeline copy, the bytes of each buffer the program holds and
-    their `total`, the predicted peak: max(`activations`, `slot_pools`) + the other terms."""
+def table_row_bytes(pipeline: Pipeline) -> int:
+    """Bytes of a device's row of the action table (ticks x columns, int32): a constant of the
+    program that each device slices out into a temporary."""
+    table = pipeline.program.plan.table
+    return int(np.prod(table.shape[1:])) * table.itemsize
+
+
+def memory_terms(pipeline: Pipeline, optimizer_state_bytes: int = 0) -> list[dict[str, int]]:
+    """Per `pipe` device of one pipeline copy, the bytes of each buffer a training step holds and
+    their `total`, the predicted peak: the larger of `gradient_program` (max(`activations`,
+    `slot_pools`) + the other terms) and `optimizer_update` (module docstring)."""
     params = device_bytes(pipeline.params)
+    microbatches = device_bytes(pipeline.batch)
     shared = {
         "slot_pools": pool_bytes(pipeline),
         "parameters": params,  # argument
-        "microbatches": device_bytes(pipeline.batch),  # argument: inputs and targets
+        "microbatches": microbatches,  # argument: inputs and targets
         "gradients": params + LOSS_BYTES,  # output
         "gradient_accumulators": params,  # scan carry
         "tick_values": tick_value_bytes(pipeline),
+        "action_table": table_row_bytes(pipeline),
+        "optimizer_state": optimizer_state_bytes,  # resident while the gradients are computed
     }
+    fixed = sum(v for k, v in shared.items() if k != "slot_pools")
+    # arguments params, state, gradients; outputs new params and state; the microbatches and loss wait
+    update = 2 * (params + optimizer_state_bytes) + params + microbatches + LOSS_BYTES
     rows = []
     for peak in activation_peaks(pipeline):
-        row = {"activations": int(peak), **shared}
-        fixed = sum(v for k, v in shared.items() if k != "slot_pools")
-        rows.append({**row, "total": max(row["activations"], row["slot_pools"]) + fixed})
+        gradient = max(int(peak), shared["slot_pools"]) + fixed
+        rows.append({"activations": int(peak), **shared, "gradient_program": gradient, "optimizer_update": update,
+                     "total": max(gradient, update)})
     return rows

@@ -67,13 +67,19 @@ def gradient_error(pipeline: Pipeline) -> tuple[float, float, float]:
     return float(loss), float(ref_loss), error
 
 
-def train_step_fn(pipeline: Pipeline, optimizer: optax.GradientTransformation):
-    """(params, opt_state, batch) -> (params, opt_state, loss): the pipelined program, then a
-    separately jitted optimizer update (so the program compiled for the gradients is reused)."""
+def optimizer_update_fn(optimizer: optax.GradientTransformation):
+    """The jitted (params, opt_state, grads) -> (params, opt_state) of one optimizer step."""
     @jax.jit
     def update(params, opt_state, grads):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
+    return update
+
+
+def train_step_fn(pipeline: Pipeline, optimizer: optax.GradientTransformation):
+    """(params, opt_state, batch) -> (params, opt_state, loss): the pipelined program, then a
+    separately jitted optimizer update (so the program compiled for the gradients is reused)."""
+    update = optimizer_update_fn(optimizer)
 
     def step(params, opt_state, batch):
         loss, grads = pipeline.program.grads(params, batch)
@@ -113,12 +119,30 @@ def loss_curves(pipeline: Pipeline, steps: int, learning_rate: float = 1e-3, pro
     return curves[0], curves[1]
 
 
+def _program_bytes(compiled) -> int:
+    stats = compiled.memory_analysis()
+    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+               - stats.alias_size_in_bytes)
+
+
 def compiled_memory_bytes(pipeline: Pipeline) -> int:
     """Per-device bytes of the compiled gradient program: arguments + outputs + temporaries
     (what they hold: `pipesched.executor._memory`)."""
-    stats = pipeline.program.grads.lower(pipeline.params, pipeline.batch).compile().memory_analysis()
-    return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-               - stats.alias_size_in_bytes)
+    return _program_bytes(pipeline.program.grads.lower(pipeline.params, pipeline.batch).compile())
+
+
+def compiled_step_memory_bytes(pipeline: Pipeline, optimizer: optax.GradientTransformation,
+                               opt_state: optax.OptState) -> int:
+    """Per-device peak of a training step from the compiled programs: the gradient program plus the
+    optimizer state waiting beside it, or the optimizer update plus the microbatches and loss
+    waiting beside it, whichever is larger (`pipesched.executor._memory`)."""
+    program = pipeline.program.grads.lower(pipeline.params, pipeline.batch).compile()
+    (loss, grads), shardings = program.out_info, program.output_shardings
+    grads = jax.tree.map(lambda g, sharding: jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=sharding),
+                         grads, shardings[1])
+    update = optimizer_update_fn(optimizer).lower(pipeline.params, opt_state, grads).compile()
+    return max(_program_bytes(program) + device_bytes(opt_state),
+               _program_bytes(update) + device_bytes(pipeline.batch) + loss.dtype.itemsize)
 
 
 def predicted_times(schedule: PipelineSchedule, timing: PipelineInstance | None) -> tuple[float, float]:
@@ -143,8 +167,8 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
     profile_instance, durations in units of `time_unit_s`) gives the predicted times; without it
     the schedule's own durations are used with the same unit. `data_parallel` runs that many
     copies of the pipeline on shards of the data (`compile_pipeline`); the predictions are those
-    of one copy. The predicted memory is `memory_terms` (the buffers the gradient program holds,
-    term by term, against `compiled_memory_bytes`); the schedule's own activation peak is kept
+    of one copy. The predicted memory is `memory_terms` (the buffers a training step holds, term
+    by term, against `compiled_step_memory_bytes`); the schedule's own activation peak is kept
     as `predicted_activation_peak_bytes`.
     """
     pipeline = compile_pipeline(schedule, model, seed=seed, devices=devices, data_parallel=data_parallel)
@@ -152,7 +176,8 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
     optimizer = optax.adam(learning_rate)
     step = train_step_fn(pipeline, optimizer)
     params, opt_state = pipeline.params, init_optimizer(pipeline, optimizer)
-    optimizer_bytes = device_bytes(opt_state)
+    memory = compiled_step_memory_bytes(pipeline, optimizer, opt_state)
+    terms = memory_terms(pipeline, device_bytes(opt_state))
     times, losses = [], []
     for i in tqdm(range(warmup + steps), desc=f"run {schedule.solver}", disable=not progress):
         t0 = time.perf_counter()
@@ -161,9 +186,7 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
             times.append(time.perf_counter() - t0)
         losses.append(float(step_loss))
     makespan, executed = predicted_times(schedule, timing)
-    memory = compiled_memory_bytes(pipeline)
     plan = pipeline.program.plan
-    terms = memory_terms(pipeline)
     return {
         "format": REPORT_FORMAT,
         "schedule": schedule_name or schedule.solver,
@@ -181,8 +204,7 @@ def run(schedule: PipelineSchedule, *, model: str | ModelConfig = "gpt-tiny", st
         "peak_memory_bytes": [memory] * (plan.num_devices * data_parallel),
         "predicted_peak_memory_bytes": [row["total"] for row in terms] * data_parallel,  # mesh order: data-major
         "predicted_activation_peak_bytes": [row["activations"] for row in terms] * data_parallel,
-        "predicted_memory_terms": terms,  # per pipe device of one copy: the buffers the program holds
-        "optimizer_state_bytes": [optimizer_bytes] * (plan.num_devices * data_parallel),  # not in the program
+        "predicted_memory_terms": terms,  # per pipe device of one copy: the buffers a step holds
         "activation_slots": list(plan.residual_slots),
         "ticks": plan.ticks,
         "train_losses": losses,
