@@ -280,8 +280,16 @@ class PipelineSchedule(JsonFile):
 
     def ops_of_device(self, device: int) -> list[Op]:
         """The device's ops in execution order (start time, then end time)."""
-        return sorted((op for op in self.ops if self.device_of(op) == device),
-                      key=lambda o: (o.start, o.end, o.stage, o.microbatch))
+        return list(self._ops_by_device[device])
+
+    @functools.cached_property
+    def _ops_by_device(self) -> tuple[tuple[Op, ...], ...]:
+        """Every device's ops in execution order, grouped in one pass over the ops."""
+        device_of_stage = [st.device for st in self.instance.stages]
+        by_device: list[list[Op]] = [[] for _ in range(self.instance.num_devices)]
+        for op in self.ops:
+            by_device[device_of_stage[op.stage]].append(op)
+        return tuple(tuple(sorted(ops, key=lambda o: (o.start, o.end, o.stage, o.microbatch))) for ops in by_device)
 
     @property
     def rematerialized(self) -> frozenset[tuple[int, int]]:
