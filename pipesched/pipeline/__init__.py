@@ -7,6 +7,7 @@ from pipesched.pipeline._model import (
     Op,
     PipelineInstance,
     PipelineSchedule,
+    RematOption,
     Stage,
 )
 from pipesched.pipeline._program import (
@@ -30,7 +31,7 @@ from pipesched.pipeline._view import chrome_trace, format_grid, gantt, save_chro
 __all__ = [
     "INSTANCE_FORMAT", "OP_KINDS", "SCHEDULE_FORMAT", "Action", "BlockedAction", "DeadlockError",
     "MemoryTimeline", "Op", "PipelineInstance", "PipelineReport", "PipelineSchedule", "Program",
-    "Simulation", "Stage", "check_program", "chrome_trace", "format_grid", "format_program_csv", "gantt",
+    "RematOption", "Simulation", "Stage", "check_program", "chrome_trace", "format_grid", "format_program_csv", "gantt",
     "load_program", "make_program", "memory_timeline", "parse_program_csv", "predecessors", "program_of",
     "bounds", "save_chrome_trace", "simulate", "torch_csv", "validate_pipeline", "zoo",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 from pipesched._common import (
     EMPTY_STATUSES,
@@ -26,14 +26,13 @@ from pipesched._common import (
 
 INSTANCE_FORMAT = "pipesched.pipeline-instance/1"
 SCHEDULE_FORMAT = "pipesched.pipeline-schedule/1"
-OP_KINDS = ("F", "B", "W", "R")
+OP_KINDS = ("F", "B", "W", "R", "RW")
 MAX_DEVICES = 4096
 MAX_PAIRS = 2**16  # stages x microbatches: greedy answers within seconds up to here (README "Bad input")
 
 # formats.md extensions not implemented yet: refused by name, never dropped (a result embeds its instance)
-_EXTENSIONS = {"1.4 (remat options, backward-pass recompute)": ("remat_options", "RW", "wgrad_checkpoint"),
-               "1.5 (offloading)": ("allow_offload", "host_memory", "offload_out", "offload_in", "offload_keep")}
-_EXTENSION_OPS = {"RW": "1.4 (backward-pass recompute)", "O": "1.5 (offloading)", "P": "1.5 (offloading)"}
+_EXTENSIONS = {"1.5 (offloading)": ("allow_offload", "host_memory", "offload_out", "offload_in", "offload_keep")}
+_EXTENSION_OPS = {"O": "1.5 (offloading)", "P": "1.5 (offloading)"}
 
 
 def _refuse_extensions(obj: Any, key: str) -> None:
@@ -46,9 +45,20 @@ def _refuse_extensions(obj: Any, key: str) -> None:
                                   "remove the key to use this file")
 
 
+class RematOption(NamedTuple):
+    """One way to rematerialize a microbatch of a stage (formats.md 1.4): keep `checkpoint`
+    between F and R, recompute in `R` time units."""
+
+    checkpoint: float
+    R: float
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """One model stage: where it runs, its op durations and its activation memory."""
+    """One model stage: where it runs, its op durations and its activation memory.
+
+    `remat_options` (None: the one option `(checkpoint, R)`), `RW` (None: no backward-pass
+    recompute) and `wgrad_checkpoint` are the optional keys of formats.md 1.4."""
 
     device: int
     F: float
@@ -58,22 +68,48 @@ class Stage:
     wgrad_stash: float = 0
     R: float | None = None  # None: same as F
     checkpoint: float = 0
+    remat_options: tuple[RematOption, ...] | None = None
+    RW: float | None = None
+    wgrad_checkpoint: float = 0
 
     def __post_init__(self) -> None:
         if self.R is None:
             object.__setattr__(self, "R", self.F)
+        if self.remat_options is not None:
+            object.__setattr__(self, "remat_options", tuple(
+                o if isinstance(o, RematOption) else RematOption(*o) for o in self.remat_options))
 
-    def duration(self, op: str) -> float:
+    @property
+    def options(self) -> tuple[RematOption, ...]:
+        """The remat options of formats.md 1.4 (the default one when the key is absent)."""
+        return self.remat_options if self.remat_options is not None else (RematOption(self.checkpoint, self.R),)
+
+    def duration(self, op: str, option: int = 0) -> float:
+        if op == "R":
+            return self.options[option].R
         return getattr(self, op)
 
     def check(self, key: str, num_devices: int, allow_remat: bool) -> None:
         as_int(self.device, f"{key}.device", lo=0, hi=num_devices)
-        for name in ("F", "B", "W", "activation", "wgrad_stash", "R", "checkpoint"):
+        for name in ("F", "B", "W", "activation", "wgrad_stash", "R", "checkpoint", "wgrad_checkpoint"):
             as_number(getattr(self, name), f"{key}.{name}")
         for name in ("wgrad_stash", "checkpoint"):
             if getattr(self, name) > self.activation:
                 raise FormatError(f"{key}.{name}: must be <= activation ({self.activation}), "
                                   f"got {getattr(self, name)}")
+        if self.wgrad_checkpoint > self.wgrad_stash:
+            raise FormatError(f"{key}.wgrad_checkpoint: must be <= wgrad_stash ({self.wgrad_stash}), "
+                              f"got {self.wgrad_checkpoint}")
+        if self.RW is not None:
+            as_number(self.RW, f"{key}.RW")
+        if self.remat_options is not None:
+            as_list(list(self.remat_options), f"{key}.remat_options", nonempty=True)
+            for i, (c, r) in enumerate(self.remat_options):
+                as_number(c, f"{key}.remat_options[{i}].checkpoint")
+                as_number(r, f"{key}.remat_options[{i}].R")
+                if c > self.activation:
+                    raise FormatError(f"{key}.remat_options[{i}].checkpoint: must be <= activation "
+                                      f"({self.activation}), got {c}")
         if allow_remat and self.F <= 0:
             raise FormatError(f"{key}.F: must be > 0 when allow_remat is true, got {self.F}")
 
@@ -81,6 +117,10 @@ class Stage:
     def from_dict(cls, obj: Any, key: str) -> Stage:
         obj = as_mapping(obj, key)
         _refuse_extensions(obj, key)
+        options = obj.get("remat_options")
+        if options is not None:
+            options = tuple(_remat_option(o, f"{key}.remat_options[{i}]")
+                            for i, o in enumerate(as_list(options, f"{key}.remat_options", nonempty=True)))
         return cls(
             device=need(obj, "device", key),
             F=need(obj, "F", key), B=need(obj, "B", key), W=need(obj, "W", key),
@@ -88,10 +128,25 @@ class Stage:
             wgrad_stash=optional(obj, "wgrad_stash", 0),
             R=obj.get("R"),
             checkpoint=optional(obj, "checkpoint", 0),
+            remat_options=options, RW=obj.get("RW"),
+            wgrad_checkpoint=optional(obj, "wgrad_checkpoint", 0),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The 1.1 keys, and the 1.4 keys only when set (files without them stay as they were)."""
+        d = {f: getattr(self, f) for f in ("device", "F", "B", "W", "activation", "wgrad_stash", "R", "checkpoint")}
+        if self.remat_options is not None:
+            d["remat_options"] = [{"checkpoint": o.checkpoint, "R": o.R} for o in self.remat_options]
+        if self.RW is not None:
+            d["RW"] = self.RW
+        if self.wgrad_checkpoint:
+            d["wgrad_checkpoint"] = self.wgrad_checkpoint
+        return d
+
+
+def _remat_option(obj: Any, key: str) -> RematOption:
+    obj = as_mapping(obj, key)
+    return RematOption(need(obj, "checkpoint", key), need(obj, "R", key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +184,8 @@ class PipelineInstance(JsonFile):
         if self.memory_limit is not None:
             _check_scalar_or_list(self.memory_limit, "memory_limit", P)
         comm = self.comm if isinstance(self.comm, tuple) else (self.comm,) * (len(self.stages) - 1)
-        work = M * (sum(st.F + st.B + st.W + st.R for st in self.stages) + 2 * sum(comm))
+        work = M * (sum(st.F + st.B + st.W + max(o.R for o in st.options) + (st.RW or 0) for st in self.stages)
+                    + 2 * sum(comm))
         memory = M * sum(st.activation for st in self.stages)
         for what, total in (("durations (one microbatch after another)", work), ("activation memory", memory)):
             if total > MAX_NUMBER:
@@ -164,8 +220,12 @@ class PipelineInstance(JsonFile):
         """The ops every (stage, microbatch) must run besides F."""
         return ("B", "W") if self.split_backward else ("B",)
 
-    def duration(self, op: str, stage: int) -> float:
-        return self.stages[stage].duration(op)
+    def duration(self, op: str, stage: int, option: int = 0) -> float:
+        return self.stages[stage].duration(op, option)
+
+    def may_recompute_backward(self, s: int) -> bool:
+        """Whether stage s may run a backward-pass recompute RW (formats.md 1.4)."""
+        return self.allow_remat and self.split_backward and self.stages[s].RW is not None
 
     def freed_by_B(self, s: int) -> float:
         """Memory B(s, m) releases at its end (formats.md 1.2 rule 5)."""
@@ -219,13 +279,15 @@ def _check_scalar_or_list(value: Any, key: str, length: int) -> None:
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Op:
-    """One timed operation: `op` in F/B/W/R of (stage, microbatch) from `start` to `end`."""
+    """One timed operation: `op` in F/B/W/R/RW of (stage, microbatch) from `start` to `end`;
+    `option` is the remat option of an R op (formats.md 1.4), 0 for every other op."""
 
     start: float
     end: float
     op: str
     stage: int
     microbatch: int
+    option: int = 0
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -233,13 +295,16 @@ class Op:
 
     @property
     def name(self) -> str:
-        """Compact PyTorch-style name: `2F0` = forward of stage 2, microbatch 0."""
-        return f"{self.stage}{self.op}{self.microbatch}"
+        """Compact PyTorch-style name: `2F0` = forward of stage 2, microbatch 0 (`2R0:1`: a recompute
+        with remat option 1)."""
+        return f"{self.stage}{self.op}{self.microbatch}" + (f":{self.option}" if self.option else "")
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSchedule(JsonFile):
-    """A pipeline schedule result file (formats.md 1.2)."""
+    """A pipeline schedule result file (formats.md 1.2). `order_lower_bound` (an extra key, written
+    only when set): a proven bound on the makespan of every valid schedule that keeps this
+    schedule's per-device F/B/W order, e.g. after `solve_pipeline(..., order=...)`."""
 
     instance: PipelineInstance
     ops: tuple[Op, ...]
@@ -248,6 +313,7 @@ class PipelineSchedule(JsonFile):
     status: str
     solver: str
     solve_time_s: float
+    order_lower_bound: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ops", tuple(self.ops))
@@ -255,8 +321,10 @@ class PipelineSchedule(JsonFile):
         for i, op in enumerate(self.ops):
             key = f"ops[{i}]"
             if op.op not in OP_KINDS:
-                raise FormatError(f"{key}.op: expected one of F, B, W, R; got {show(op.op)}")
+                raise FormatError(f"{key}.op: expected one of {', '.join(OP_KINDS)}; got {show(op.op)}")
             as_int(op.stage, f"{key}.stage", lo=0, hi=S)
+            as_int(op.option, f"{key}.option", lo=0,
+                   hi=len(self.instance.stages[op.stage].options) if op.op == "R" else 1)
             as_int(op.microbatch, f"{key}.microbatch", lo=0, hi=M)
             as_number(op.start, f"{key}.start", nonneg=False)
             as_number(op.end, f"{key}.end", nonneg=False)
@@ -271,9 +339,9 @@ class PipelineSchedule(JsonFile):
 
     @classmethod
     def empty(cls, instance: PipelineInstance, *, status: str, lower_bound: float | None, solver: str,
-              solve_time_s: float) -> PipelineSchedule:
+              solve_time_s: float, order_lower_bound: float | None = None) -> PipelineSchedule:
         assert status in EMPTY_STATUSES
-        return cls(instance, (), 0, lower_bound, status, solver, solve_time_s)
+        return cls(instance, (), 0, lower_bound, status, solver, solve_time_s, order_lower_bound)
 
     def device_of(self, op: Op) -> int:
         return self.instance.stages[op.stage].device
@@ -295,6 +363,11 @@ class PipelineSchedule(JsonFile):
     def rematerialized(self) -> frozenset[tuple[int, int]]:
         return frozenset((op.stage, op.microbatch) for op in self.ops if op.op == "R")
 
+    @property
+    def backward_recomputed(self) -> frozenset[tuple[int, int]]:
+        """The pairs with a backward-pass recompute (RW op)."""
+        return frozenset((op.stage, op.microbatch) for op in self.ops if op.op == "RW")
+
     # ---- JSON ------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, obj: Any) -> PipelineSchedule:
@@ -309,24 +382,34 @@ class PipelineSchedule(JsonFile):
             if kind in _EXTENSION_OPS:
                 raise FormatError(f"{key}.op: {kind!r} ops (formats.md section {_EXTENSION_OPS[kind]}) "
                                   "are not implemented yet")
-            if raw.get("option") not in (None, 0):
-                raise FormatError(f"{key}.option: formats.md section 1.4 (remat options) is not implemented yet")
             stage = as_int(need(raw, "stage", key), f"{key}.stage", lo=0, hi=instance.num_stages)
+            option = optional(raw, "option", 0)
+            if option != 0 and kind != "R":
+                raise FormatError(f"{key}.option: only R ops have a remat option (formats.md 1.4), got {show(option)}")
             if raw.get("device") is not None and raw["device"] != instance.stages[stage].device:
                 raise FormatError(f"{key}.device: stage {stage} is on device "
                                   f"{instance.stages[stage].device}, got {show(raw['device'])}")
             ops.append(Op(start=need(raw, "start", key), end=need(raw, "end", key), op=kind,
-                          stage=stage, microbatch=need(raw, "microbatch", key)))
-        return cls(instance=instance, ops=tuple(ops), **read_result_fields(obj, "makespan"))
+                          stage=stage, microbatch=need(raw, "microbatch", key), option=option))
+        order_bound = obj.get("order_lower_bound")
+        return cls(instance=instance, ops=tuple(ops), **read_result_fields(obj, "makespan"),
+                   order_lower_bound=None if order_bound is None else as_number(order_bound, "order_lower_bound"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": SCHEDULE_FORMAT,
             "instance": self.instance.to_dict(),
-            "ops": [{"op": op.op, "stage": op.stage, "microbatch": op.microbatch,
-                     "device": self.device_of(op), "start": op.start, "end": op.end} for op in self.ops],
+            "ops": [self._op_dict(op) for op in self.ops],
             "makespan": self.makespan, "lower_bound": self.lower_bound, "status": self.status,
             "solver": self.solver, "solve_time_s": self.solve_time_s,
         }
+        if self.order_lower_bound is not None:
+            d["order_lower_bound"] = self.order_lower_bound
+        return d
 
-
+    def _op_dict(self, op: Op) -> dict[str, Any]:
+        d = {"op": op.op, "stage": op.stage, "microbatch": op.microbatch, "device": self.device_of(op),
+             "start": op.start, "end": op.end}
+        if op.op == "R" and (op.option or self.instance.stages[op.stage].remat_options is not None):
+            d["option"] = op.option
+        return d

@@ -2,7 +2,8 @@
 
 An *action* is `{stage}{op}{microbatch}`: `2F0` is the forward of stage 2 on microbatch 0; ops are
 F, B (the whole backward, or its input-gradient part when the backward is split), W (weight
-gradient) and R (recompute). `I` is read as B, as PyTorch writes the split input gradient.
+gradient), R (recompute; `0R2:1` uses remat option 1 of formats.md 1.4) and RW (backward-pass
+recompute, `1RW3`). `I` is read as B, as PyTorch writes the split input gradient.
 A *program* gives, per device, the order in which it runs its actions.
 """
 
@@ -20,16 +21,17 @@ from pipesched._common import FormatError, PipeschedError, approx_le, in_file, r
 from pipesched.pipeline._model import Op, PipelineInstance, PipelineSchedule
 from pipesched.pipeline._validate import MemoryTimeline, memory_timeline
 
-_ACTION = re.compile(r"^([0-9]{1,12})([FBWRI])([0-9]{1,12})$")
+_ACTION = re.compile(r"^([0-9]{1,12})(RW|[FBWRI])([0-9]{1,12})(?::([0-9]{1,6}))?$")
 
 
 class Action(NamedTuple):
     stage: int
     op: str
     microbatch: int
+    option: int = 0  # the remat option of an R action
 
     def __str__(self) -> str:
-        return f"{self.stage}{self.op}{self.microbatch}"
+        return f"{self.stage}{self.op}{self.microbatch}" + (f":{self.option}" if self.option else "")
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -40,9 +42,11 @@ class Action(NamedTuple):
         match = _ACTION.match(text.strip())
         if not match:
             raise FormatError(f"{show(text)}: not an action; write {{stage}}{{op}}{{microbatch}} "
-                              "such as 2F0, 1B3, 0W1, 0R2")
-        stage, op, mb = match.groups()
-        return cls(int(stage), "B" if op == "I" else op, int(mb))
+                              "such as 2F0, 1B3, 0W1, 0R2, 0R2:1 (remat option 1), 1RW3")
+        stage, op, mb, option = match.groups()
+        if option is not None and op != "R":
+            raise FormatError(f"{show(text)}: only R actions take a remat option (:k)")
+        return cls(int(stage), "B" if op == "I" else op, int(mb), int(option or 0))
 
 
 Program = tuple[tuple[Action, ...], ...]
@@ -81,14 +85,14 @@ def format_program_csv(program: Program) -> str:
 
 def program_of(schedule: PipelineSchedule) -> Program:
     """The per-device order of a timed schedule (start time, then end, stage, microbatch)."""
-    return tuple(tuple(Action(op.stage, op.op, op.microbatch) for op in schedule.ops_of_device(d))
+    return tuple(tuple(Action(op.stage, op.op, op.microbatch, op.option) for op in schedule.ops_of_device(d))
                  for d in range(schedule.instance.num_devices))
 
 
-def predecessors(instance: PipelineInstance, action: Action, rematerialized: bool
-                 ) -> list[tuple[tuple[str, int, int], float]]:
-    """The ops `action` waits for, each with the delay after its end (formats.md 1.2 rule 3)."""
-    s, op, m = action
+def predecessors(instance: PipelineInstance, action: Action, rematerialized: bool,
+                 backward_recomputed: bool = False) -> list[tuple[tuple[str, int, int], float]]:
+    """The ops `action` waits for, each with the delay after its end (formats.md 1.2 rule 3, 1.4)."""
+    s, op, m = action.stage, action.op, action.microbatch
     last = instance.num_stages - 1
     if op == "F":
         return [(("F", s - 1, m), instance.comm_after(s - 1))] if s > 0 else []
@@ -97,7 +101,9 @@ def predecessors(instance: PipelineInstance, action: Action, rematerialized: boo
         return deps + ([(("R", s, m), 0)] if rematerialized else [])
     if op == "R":
         return [(("F", s, m), 0)]
-    return [(("B", s, m), 0)]  # W
+    if op == "W" and backward_recomputed:
+        return [(("B", s, m), 0), (("RW", s, m), 0)]
+    return [(("B", s, m), 0)]  # W, RW
 
 
 def check_program(instance: PipelineInstance, program: Program) -> None:
@@ -118,6 +124,11 @@ def check_program(instance: PipelineInstance, program: Program) -> None:
                 raise FormatError(f"{where}: W needs split_backward")
             if a.op == "R" and not instance.allow_remat:
                 raise FormatError(f"{where}: R needs allow_remat")
+            if a.op == "R" and not 0 <= a.option < len(instance.stages[a.stage].options):
+                raise FormatError(f"{where}: stage {a.stage} has {len(instance.stages[a.stage].options)} "
+                                  "remat option(s)")
+            if a.op == "RW" and not instance.may_recompute_backward(a.stage):
+                raise FormatError(f"{where}: RW needs allow_remat, split_backward and stages[{a.stage}].RW")
             if a.key in seen:
                 raise FormatError(f"{where}: duplicate action (also on device {seen[a.key]})")
             seen[a.key] = d
@@ -159,6 +170,7 @@ def simulate(instance: PipelineInstance, program: Program | Iterable[Iterable[Ac
     program = make_program(program)
     check_program(instance, program)
     remat = {(a.stage, a.microbatch) for row in program for a in row if a.op == "R"}
+    rw = {(a.stage, a.microbatch) for row in program for a in row if a.op == "RW"}
     done: dict[tuple[str, int, int], Op] = {}
     waiters: dict[tuple[str, int, int], list[int]] = {}
     pointer = [0] * instance.num_devices
@@ -169,19 +181,20 @@ def simulate(instance: PipelineInstance, program: Program | Iterable[Iterable[Ac
         row = program[d]
         while pointer[d] < len(row):
             action = row[pointer[d]]
-            deps = predecessors(instance, action, (action.stage, action.microbatch) in remat)
+            pair = (action.stage, action.microbatch)
+            deps = predecessors(instance, action, pair in remat, pair in rw)
             missing = next((key for key, _ in deps if key not in done), None)
             if missing is not None:
                 waiters.setdefault(missing, []).append(d)
                 break
             start = max([free_at[d]] + [done[key].end + delay for key, delay in deps])
-            op = Op(start, start + instance.duration(action.op, action.stage), action.op, action.stage,
-                    action.microbatch)
+            op = Op(start, start + instance.duration(action.op, action.stage, action.option), action.op,
+                    action.stage, action.microbatch, action.option)
             done[action.key] = op
             free_at[d] = op.end
             pointer[d] += 1
             queue.extend(waiters.pop(action.key, ()))
-    blocked = [_blocked(instance, d, program[d][pointer[d]], remat, done)
+    blocked = [_blocked(instance, d, program[d][pointer[d]], remat, rw, done)
                for d in range(instance.num_devices) if pointer[d] < len(program[d])]
     if blocked:
         raise DeadlockError(blocked)
@@ -194,7 +207,8 @@ def simulate(instance: PipelineInstance, program: Program | Iterable[Iterable[Ac
 
 
 def _blocked(instance: PipelineInstance, device: int, action: Action, remat: set[tuple[int, int]],
-             done: dict[tuple[str, int, int], Op]) -> BlockedAction:
-    deps = predecessors(instance, action, (action.stage, action.microbatch) in remat)
+             rw: set[tuple[int, int]], done: dict[tuple[str, int, int], Op]) -> BlockedAction:
+    pair = (action.stage, action.microbatch)
+    deps = predecessors(instance, action, pair in remat, pair in rw)
     waiting = tuple(f"{s}{op}{m}" for (op, s, m), _ in deps if (op, s, m) not in done)
     return BlockedAction(device, action, waiting)

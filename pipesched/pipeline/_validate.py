@@ -1,4 +1,5 @@
-"""Independent validator of pipeline schedules: every numbered rule of formats.md 1.2.
+"""Independent validator of pipeline schedules: every numbered rule of formats.md 1.2, with the
+rules section 1.4 adds (remat options, backward-pass recompute RW).
 
 It depends on the model only (never on a solver or the simulator), so that it can check them.
 """
@@ -36,21 +37,28 @@ def _rule(n: int) -> str:
 
 
 def memory_deltas(instance: PipelineInstance, ops: Iterable[Op]) -> list[list[tuple[float, float]]]:
-    """Per device, the (time, change) events of formats.md 1.2 rule 5."""
+    """Per device, the (time, change) events of formats.md 1.2 rule 5 and 1.4."""
     ops = list(ops)
-    remat = {(op.stage, op.microbatch) for op in ops if op.op == "R"}
+    option = {(op.stage, op.microbatch): op.option for op in ops if op.op == "R"}
+    backward_recomputed = {(op.stage, op.microbatch) for op in ops if op.op == "RW"}
     events: list[list[tuple[float, float]]] = [[] for _ in range(instance.num_devices)]
     for op in ops:
         st = instance.stages[op.stage]
         dev = events[st.device]
+        pair = (op.stage, op.microbatch)
         if op.op == "F":
             dev.append((op.start, st.activation))
-            if (op.stage, op.microbatch) in remat:
-                dev.append((op.end, -(st.activation - st.checkpoint)))
+            if pair in option:
+                dev.append((op.end, -(st.activation - st.options[option[pair]].checkpoint)))
         elif op.op == "R":
-            dev.append((op.start, st.activation - st.checkpoint))
+            dev.append((op.start, st.activation - st.options[op.option].checkpoint))
         elif op.op == "B":
-            dev.append((op.end, -instance.freed_by_B(op.stage)))
+            if pair in backward_recomputed:
+                dev.append((op.end, -(st.activation - st.wgrad_checkpoint)))
+            else:
+                dev.append((op.end, -instance.freed_by_B(op.stage)))
+        elif op.op == "RW":
+            dev.append((op.start, st.wgrad_stash - st.wgrad_checkpoint))
         elif op.op == "W" and instance.split_backward:
             dev.append((op.end, -st.wgrad_stash))
     return events
@@ -80,7 +88,8 @@ def memory_timeline(instance: PipelineInstance, ops: Iterable[Op]) -> MemoryTime
 
 
 def check_op_set(instance: PipelineInstance, ops: Iterable[Op]) -> None:
-    """Rule 1: exactly one F and B per (s, m), one W iff split, at most one R (only with remat)."""
+    """Rule 1: exactly one F and B per (s, m), one W iff split, at most one R (only with remat) and
+    at most one RW (1.4: only with remat, split backward and the stage's RW duration)."""
     counts = Counter(op.key for op in ops)
     for (kind, s, m), n in counts.items():
         name = f"{s}{kind}{m}"
@@ -88,6 +97,9 @@ def check_op_set(instance: PipelineInstance, ops: Iterable[Op]) -> None:
             raise ValidationError(_rule(1), f"{name}: W ops only exist when split_backward is true", name)
         if kind == "R" and not instance.allow_remat:
             raise ValidationError(_rule(1), f"{name}: R ops need allow_remat", name)
+        if kind == "RW" and not instance.may_recompute_backward(s):
+            raise ValidationError("1.4", f"{name}: RW ops need allow_remat, split_backward and stages[{s}].RW",
+                                  name)
         if n > 1:
             raise ValidationError(_rule(1), f"{name} appears {n} times", name)
     for s in range(instance.num_stages):
@@ -100,7 +112,7 @@ def check_op_set(instance: PipelineInstance, ops: Iterable[Op]) -> None:
 def check_durations(instance: PipelineInstance, ops: Iterable[Op]) -> None:
     """Rule 2: end - start equals the op's duration; start >= 0."""
     for op in ops:
-        want = instance.duration(op.op, op.stage)
+        want = instance.duration(op.op, op.stage, op.option)
         if not approx_eq(op.end - op.start, want):
             raise ValidationError(_rule(2), f"{op.name} lasts {op.end - op.start}, its duration is {want}", op.name)
         if approx_lt(op.start, 0):
@@ -108,7 +120,7 @@ def check_durations(instance: PipelineInstance, ops: Iterable[Op]) -> None:
 
 
 def check_dependencies(instance: PipelineInstance, ops: Iterable[Op]) -> None:
-    """Rule 3: data dependencies with communication delays."""
+    """Rule 3: data dependencies with communication delays (and 1.4's for RW)."""
     by_key = {op.key: op for op in ops}
     S = instance.num_stages
 
@@ -134,6 +146,10 @@ def check_dependencies(instance: PipelineInstance, ops: Iterable[Op]) -> None:
         elif op.op == "R":
             need(op, ("F", s, m), 0)
         elif op.op == "W":
+            need(op, ("B", s, m), 0)
+            if ("RW", s, m) in by_key:
+                need(op, ("RW", s, m), 0)
+        elif op.op == "RW":
             need(op, ("B", s, m), 0)
 
 

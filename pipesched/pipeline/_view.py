@@ -10,8 +10,10 @@ from pipesched._common import FormatError, atomic_target, write_json
 from pipesched.pipeline._model import PipelineSchedule
 from pipesched.pipeline._validate import memory_timeline
 
-OP_COLORS = {"F": "#4C78A8", "B": "#F58518", "W": "#54A24B", "R": "#B279A2"}
-OP_NAMES = {"F": "forward", "B": "backward", "W": "weight grad", "R": "recompute"}
+OP_COLORS = {"F": "#4C78A8", "B": "#F58518", "W": "#54A24B", "R": "#B279A2", "RW": "#E45756"}
+OP_NAMES = {"F": "forward", "B": "backward", "W": "weight grad", "R": "recompute",
+            "RW": "backward-pass recompute"}
+OP_HATCH = {"RW": "//"}  # RW drawn distinctly from R even where colours are hard to tell apart
 
 
 def format_grid(schedule: PipelineSchedule, max_columns: int = 120) -> str:
@@ -65,14 +67,15 @@ def gantt(schedule: PipelineSchedule, path: str | Path, *, title: str | None = N
     for op in schedule.ops:
         d = schedule.device_of(op)
         ax.barh(d, op.end - op.start, left=op.start, height=0.8, color=OP_COLORS[op.op],
-                edgecolor="black", linewidth=0.4)
+                edgecolor="black", linewidth=0.4, hatch=OP_HATCH.get(op.op))
         if op.end - op.start >= 0.012 * max(schedule.makespan, 1e-12):
             ax.text((op.start + op.end) / 2, d, str(op.microbatch), ha="center", va="center", fontsize=7,
                     color="white")
     ax.set_yticks(range(P), [f"device {d}" for d in range(P)])
     ax.invert_yaxis()
-    used = sorted({op.op for op in schedule.ops}, key="FBWR".index)
-    ax.legend(handles=[Patch(color=OP_COLORS[k], label=OP_NAMES[k]) for k in used], loc="lower right",
+    used = sorted({op.op for op in schedule.ops}, key=list(OP_COLORS).index)
+    ax.legend(handles=[Patch(facecolor=OP_COLORS[k], hatch=OP_HATCH.get(k), label=OP_NAMES[k]) for k in used],
+              loc="lower right",
               bbox_to_anchor=(1.0, 1.0), fontsize=8, ncols=len(used) or 1, frameon=False)
     ax.set_title(title or f"{instance.name or 'pipeline'}: {schedule.solver}, makespan {schedule.makespan:g}, "
                  f"lower bound {schedule.lower_bound}, {schedule.status}", loc="left", fontsize=10)
@@ -111,7 +114,8 @@ def chrome_trace(schedule: PipelineSchedule, *, time_unit_us: float = 1.0) -> di
         events.append({
             "name": op.name, "cat": OP_NAMES[op.op], "ph": "X", "pid": 0, "tid": schedule.device_of(op),
             "ts": op.start * time_unit_us, "dur": (op.end - op.start) * time_unit_us,
-            "args": {"op": op.op, "stage": op.stage, "microbatch": op.microbatch},
+            "args": {"op": op.op, "stage": op.stage, "microbatch": op.microbatch,
+                     **({"option": op.option} if op.op == "R" else {})},
         })
     timeline = memory_timeline(schedule.instance, schedule.ops)
     for d, (times, levels) in enumerate(zip(timeline.times, timeline.levels)):
@@ -131,8 +135,10 @@ def save_chrome_trace(schedule: PipelineSchedule, path: str | Path) -> Path:
 
 def torch_csv(schedule: PipelineSchedule) -> str:
     """formats.md 1.3: PyTorch pipelining's compute-only CSV, one row per rank."""
-    if schedule.rematerialized:
-        raise FormatError("export torch: this schedule recomputes (R ops), which PyTorch's pipelining "
+    if schedule.rematerialized or schedule.backward_recomputed:
+        kinds = "R and RW" if schedule.rematerialized and schedule.backward_recomputed else \
+            "R" if schedule.rematerialized else "RW"
+        raise FormatError(f"export torch: this schedule recomputes ({kinds} ops), which PyTorch's pipelining "
                           "runtime cannot express; solve without allow_remat to export it")
     split = schedule.instance.split_backward
     rows = []
