@@ -101,10 +101,20 @@ def _solve(args: argparse.Namespace) -> int:
     expected = {"pipeline": "PipelineInstance", "remat": "RematInstance", "placement": "PlacementInstance"}
     if type(instance).__name__ != expected[args.kind]:
         raise FormatError(f"{args.instance}: format: expected a {args.kind} instance, got {type(instance).__name__}")
+    extra = {}
+    if args.fix_order is not None:
+        if args.kind != "pipeline":
+            raise FormatError("--fix-order: only pipeline instances have an order to fix")
+        extra["order"] = args.fix_order
     result = solve(instance, solver=args.solver, time_limit=args.time_limit, workers=args.workers,
-                   seed=args.seed, progress=not args.quiet)
+                   seed=args.seed, progress=not args.quiet, **extra)
     check = validate(result.schedule)
-    print(f"{args.kind} {args.solver}: {check.summary} ({result.solve_time:.2f} s)")
+    print(f"{args.kind} {result.schedule.solver if extra else args.solver}: {check.summary} "
+          f"({result.solve_time:.2f} s)")
+    if extra and result.order_lower_bound is not None:
+        print(f"order {args.fix_order}: lower bound {result.order_lower_bound:g} for every schedule keeping it")
+    if extra and result.status == "unknown" and not result.interrupted:
+        print(f"order {args.fix_order}: no schedule keeping it fits the memory limit within the time limit")
     if result.status == "infeasible" and args.kind == "pipeline":
         print(f"infeasible: {solvers.infeasibility_proof(instance)}")
     if args.out:
@@ -248,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the result file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--fix-order", metavar="ORDER",
+                   help="pipeline: keep this per-device order (a named schedule such as zb-h1, a program CSV "
+                        "or a schedule JSON) and choose only the remat and the timing")
     p.set_defaults(run=_solve)
 
     p = sub.add_parser("run", help="run a pipeline schedule with the JAX executor; write a run report")

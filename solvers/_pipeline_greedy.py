@@ -17,7 +17,12 @@ Its reservation then counts only the checkpoints it keeps; one *headroom* per de
 activation - checkpoint there) is reserved once, and a lock lets one rematerialized op at a time
 use it: a forward until it ends, a recompute until its B ends (that B is ready as soon as R ends,
 so the lock is always released). Remat modes: "never", "when-needed" (only microbatches that
-do not fit otherwise) and "always".
+do not fit otherwise) and "always"; `options[s]` picks the remat option of each stage (formats.md
+1.4). With `backward_recompute`, every pair of a stage that may recompute in the backward pass
+runs RW between its B and W: after B it keeps only `wgrad_checkpoint`, so its reservation counts
+that; a second headroom per device (the largest wgrad_stash - wgrad_checkpoint there), reserved
+up front, and a second lock let one pair at a time hold its stash again from RW start to W end
+(its W is ready when RW ends and never waits for memory, so that lock is always released too).
 The rule's timing is then re-derived by the simulator from the per-device order, which keeps the
 order of memory events on every device and so the memory peak.
 """
@@ -68,14 +73,32 @@ def make_rules(instance: PipelineInstance) -> list[Rule]:
 REMAT_MODES = ("never", "when-needed", "always")
 
 
-def list_schedule(instance: PipelineInstance, rule: Rule, *, remat: str = "never") -> Program | None:
+def list_schedule(instance: PipelineInstance, rule: Rule, *, remat: str = "never",
+                  options: tuple[int, ...] | None = None, backward_recompute: bool = False) -> Program | None:
     """The per-device program `rule` produces, or None if it gets stuck (only possible when a
-    microbatch needs remat to fit and `remat` is "never")."""
-    return _ListScheduler(instance, rule, remat).run()
+    microbatch needs remat to fit and `remat` is "never"). `options`: the remat option of each
+    stage (default 0)."""
+    return _ListScheduler(instance, rule, remat, options, backward_recompute).run()
+
+
+def least_memory_option(instance: PipelineInstance, s: int) -> int:
+    """The remat option of stage s that keeps the least (ties: the fastest recompute)."""
+    options = instance.stages[s].options
+    return min(range(len(options)), key=lambda k: (options[k].checkpoint, options[k].R))
+
+
+def option_choices(instance: PipelineInstance) -> list[tuple[int, ...]]:
+    """Distinct per-stage option vectors worth trying: option k of every stage (the last one when
+    it has fewer), and each stage's least-checkpoint option."""
+    counts = [len(st.options) for st in instance.stages]
+    least = tuple(least_memory_option(instance, s) for s in range(instance.num_stages))
+    choices = [tuple(min(k, n - 1) for n in counts) for k in range(max(counts))] + [least]
+    return list(dict.fromkeys(choices))
 
 
 class _ListScheduler:
-    def __init__(self, instance: PipelineInstance, rule: Rule, remat: str):
+    def __init__(self, instance: PipelineInstance, rule: Rule, remat: str, options: tuple[int, ...] | None,
+                 backward_recompute: bool):
         self.inst, self.rule = instance, rule
         self.remat_options = {"never": [False], "when-needed": [False, True], "always": [True]}[
             remat if instance.allow_remat else "never"]
@@ -85,13 +108,16 @@ class _ListScheduler:
         self.dev = [st.device for st in instance.stages]
         self.first_stage = [stages[0] if stages else -1 for stages in instance.stages_of_device]
         self.stash = [st.wgrad_stash if self.split else 0 for st in instance.stages]
+        self.option = options or (0,) * S
+        self.kept = [st.options[k].checkpoint for st, k in zip(instance.stages, self.option)]
+        self.rw = [backward_recompute and instance.may_recompute_backward(s) for s in range(S)]
+        self.after_b = [st.wgrad_checkpoint if self.rw[s] else self.stash[s] for s, st in enumerate(instance.stages)]
         self.limit = [instance.limit(d) for d in range(P)]
         self.remat: set[tuple[int, int]] = set()
         self.deps_left: dict[Key, int] = {}
         self.ready_at: dict[Key, float] = {}
         self.state: dict[tuple[int, int], str] = {}  # (s, m) -> F (running), Fd, R, B, W
         self.need: dict[tuple[int, int], float] = {}  # (device, m) -> reserved memory
-        self.reserved = [0.0] * P
         self.next_admit = [0] * P  # next microbatch to admit on each device
         self.admit_ready: list[dict[int, float]] = [{} for _ in range(P)]  # m -> ready time
         self.avail: list[list] = [[] for _ in range(P)]  # heap of (rank, key): ready by now
@@ -101,11 +127,18 @@ class _ListScheduler:
         self.times: list[float] = []
         self.rows: list[list[Action]] = [[] for _ in range(P)]
         self.left = S * self.M * (1 + len(instance.backward_ops))
-        self.headroom = [max((instance.stages[s].activation - instance.stages[s].checkpoint
+        self.headroom = [max((instance.stages[s].activation - self.kept[s]
                               for s in stages if s < S - 1), default=0.0) for stages in instance.stages_of_device]
         self.headroom_taken = [False] * P
         self.lock: list[Key | None] = [None] * P
         self.r_parked: list[list] = [[] for _ in range(P)]
+        self.reserved = [max((self.stash[s] - self.after_b[s] for s in stages if self.rw[s]), default=0.0)
+                         for stages in instance.stages_of_device]  # the RW headroom, up front
+        self.rw_lock: list[Key | None] = [None] * P
+        self.rw_parked: list[list] = [[] for _ in range(P)]
+
+    def _rank(self, op: str, s: int, m: int) -> tuple:
+        return self.rule.rank("W" if op == "RW" else op, s, m)  # RW is the first part of W's work
 
     # ---- dependencies ----------------------------------------------------------------------
     def _deps(self, key: Key) -> int:
@@ -114,7 +147,9 @@ class _ListScheduler:
             return 1 if s > 0 else 0
         if op == "B":
             return 1 + ((s, m) in self.remat)
-        return 2 if op == "R" else 1  # R waits for F(s, m) and for the input of B(s, m)
+        if op == "W":
+            return 1 + self.rw[s]
+        return 2 if op == "R" else 1  # R waits for F(s, m) and for the input of B(s, m); RW for B
 
     def _successors(self, key: Key) -> list[tuple[Key, float]]:
         op, s, m = key
@@ -131,8 +166,12 @@ class _ListScheduler:
                     out.append((("R", s - 1, m), inst.comm_after(s - 1)))
             if self.split:
                 out.append((("W", s, m), 0))
+            if self.rw[s]:
+                out.append((("RW", s, m), 0))
         elif op == "R":
             out.append((("B", s, m), 0))
+        elif op == "RW":
+            out.append((("W", s, m), 0))
         return out
 
     def _release(self, key: Key, at: float) -> None:
@@ -148,12 +187,17 @@ class _ListScheduler:
         if op == "F" and s == self.first_stage[d]:
             self.admit_ready[d][m] = t  # admitted later, in microbatch order
         elif op in ("F", "R") and (s, m) in self.remat and self.lock[d] is not None:
-            heapq.heappush(self.r_parked[d], (self.rule.rank(op, s, m), key))
+            heapq.heappush(self.r_parked[d], (self._rank(op, s, m), key))
+            return
+        elif op == "RW" and self.rw_lock[d] is not None:
+            heapq.heappush(self.rw_parked[d], (self._rank(op, s, m), key))
             return
         else:
             if op in ("F", "R") and (s, m) in self.remat:
                 self.lock[d] = key
-            heapq.heappush(self.future[d], (t, self.rule.rank(op, s, m), key))
+            if op == "RW":
+                self.rw_lock[d] = key
+            heapq.heappush(self.future[d], (t, self._rank(op, s, m), key))
         heapq.heappush(self.times, t)
 
     # ---- memory ----------------------------------------------------------------------------
@@ -167,12 +211,14 @@ class _ListScheduler:
         for s in stages:
             st, state = inst.stages[s], self.state.get((s, m))
             if state in ("F", "Fd", "R"):
-                held.append(st.checkpoint if (s, m) in self.remat else st.activation)
+                held.append(self.kept[s] if (s, m) in self.remat else st.activation)
             elif state == "B":
+                held.append(self.after_b[s])
+            elif state == "RW":
                 held.append(self.stash[s])
             else:
                 held.append(0.0)
-        kept = [inst.stages[s].checkpoint if (s, m) in self.remat else inst.stages[s].activation for s in stages]
+        kept = [self.kept[s] if (s, m) in self.remat else inst.stages[s].activation for s in stages]
         need, before = sum(held), 0.0
         for i, s in enumerate(stages):  # future forwards, in stage order
             if self.state.get((s, m)) is None:
@@ -245,7 +291,7 @@ class _ListScheduler:
         if ready is not None and ready <= t:
             if self._admit(d, m, commit=False):
                 s0 = self.first_stage[d]
-                admission = (self.rule.rank("F", s0, m), ("F", s0, m))
+                admission = (self._rank("F", s0, m), ("F", s0, m))
             elif self.rule.w_when_blocked and any(key[0] == "W" for _, key in avail):
                 best = min(c for c in avail if c[1][0] == "W")  # free stash for the blocked forward
                 avail.remove(best)
@@ -262,10 +308,11 @@ class _ListScheduler:
 
     def _start(self, d: int, key: Key, t: float) -> None:
         op, s, m = key
-        end = t + self.inst.duration(op, s)
+        option = self.option[s] if op == "R" else 0
+        end = t + self.inst.duration(op, s, option)
         self.free_at[d] = end
-        self.rows[d].append(Action(s, op, m))
-        if op in ("F", "R"):
+        self.rows[d].append(Action(s, op, m, option))
+        if op in ("F", "R", "RW"):
             self.state[s, m] = op  # reaches a level the reservation already counts
         heapq.heappush(self.running, (end, key))
         heapq.heappush(self.times, end)
@@ -273,7 +320,7 @@ class _ListScheduler:
     def _complete(self, end: float, key: Key) -> None:
         op, s, m = key
         d = self.dev[s]
-        if op != "R":  # optional ops are not counted in `left`
+        if op not in ("R", "RW"):  # optional ops are not counted in `left`
             self.left -= 1
             self.state[s, m] = "Fd" if op == "F" else op
         if op in ("B", "W") and self.limit[d] is not None:  # the only events that free memory
@@ -282,5 +329,9 @@ class _ListScheduler:
             self.lock[d] = None
             if self.r_parked[d]:
                 self._make_ready(heapq.heappop(self.r_parked[d])[1], end)
+        if op == "W" and self.rw_lock[d] == ("RW", s, m):
+            self.rw_lock[d] = None
+            if self.rw_parked[d]:
+                self._make_ready(heapq.heappop(self.rw_parked[d])[1], end)
         for succ, delay in self._successors(key):
             self._release(succ, end + delay)

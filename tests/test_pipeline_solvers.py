@@ -21,18 +21,30 @@ durations = st.sampled_from([0, 1, 2, 3, 4, 5, 1.5, 2.5])
 
 
 @st.composite
-def small_instances(draw, max_devices=3, max_stages=4, max_microbatches=4):
+def small_instances(draw, max_devices=3, max_stages=4, max_microbatches=4, extensions=None, max_options=2,
+                    max_pairs=None):
+    """Random small instances; `extensions` (None: drawn) adds formats.md 1.4's keys: 1 to
+    `max_options` remat options per stage and, with a split backward, RW and wgrad_checkpoint;
+    at most `max_pairs` (stage, microbatch) pairs when given."""
     P = draw(st.integers(1, max_devices))
     S = draw(st.integers(1, max_stages))
-    M = draw(st.integers(1, max_microbatches))
+    M = draw(st.integers(1, max_microbatches if max_pairs is None else min(max_microbatches, max_pairs // S)))
     split, remat = draw(st.booleans()), draw(st.booleans())
+    extended = draw(st.booleans()) if extensions is None else extensions
     stages = []
     for s in range(S):
         act = draw(st.integers(1, 4))
+        stash = draw(st.integers(0, act)) if split else 0
+        keys = {}
+        if extended:
+            keys["remat_options"] = tuple((draw(st.integers(0, act)), draw(durations))
+                                          for _ in range(draw(st.integers(1, max_options))))
+            if split and draw(st.booleans()):
+                keys.update(RW=draw(durations), wgrad_checkpoint=draw(st.integers(0, stash)))
         stages.append(Stage(device=draw(st.integers(0, P - 1)) if s else 0, F=draw(durations) + (1 if remat else 0),
                             B=draw(durations), W=draw(durations), activation=act,
-                            wgrad_stash=draw(st.integers(0, act)) if split else 0, R=draw(durations),
-                            checkpoint=draw(st.integers(0, act))))
+                            wgrad_stash=stash, R=draw(durations),
+                            checkpoint=draw(st.integers(0, act)), **keys))
     comm = draw(st.one_of(st.sampled_from([0, 1, 2]), st.lists(st.integers(0, 2), min_size=S - 1, max_size=S - 1)))
     instance = PipelineInstance(P, M, tuple(stages), comm=comm, split_backward=split, allow_remat=remat)
     need = max(min_memory_need(instance, d) for d in range(P))
@@ -64,9 +76,9 @@ def test_bound_le_cpsat_le_every_heuristic(instance):
 
 
 def _device_orders(ops: list[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
-    """Every order of one device's ops that keeps each (stage, microbatch)'s own F < R < B < W and
-    forwards of one microbatch in stage order (orders breaking these deadlock or are invalid)."""
-    rank = {"F": 0, "R": 1, "B": 2, "W": 3}
+    """Every order of one device's ops that keeps each (stage, microbatch)'s own F < R < B < RW < W
+    and forwards of one microbatch in stage order (orders breaking these deadlock or are invalid)."""
+    rank = {"F": 0, "R": 1, "B": 2, "RW": 3, "W": 4}
 
     def before(a, b) -> bool:
         (oa, sa, ma), (ob, sb, mb) = a, b
@@ -89,22 +101,32 @@ def _device_orders(ops: list[tuple[str, int, int]]) -> list[list[tuple[str, int,
     return out
 
 
+def _choices(instance: PipelineInstance, s: int) -> list[tuple[int | None, bool]]:
+    """Per pair of stage s: (remat option or None, backward-pass recompute or not)."""
+    if not instance.allow_remat:
+        return [(None, False)]
+    options = [None, *range(len(instance.stages[s].options))]
+    return [(k, rw) for k in options for rw in ((False, True) if instance.may_recompute_backward(s) else (False,))]
+
+
 def brute_force_optimum(instance: PipelineInstance) -> float | None:
     """Exact optimum: some optimal schedule is the earliest-start timing of its per-device order
-    (re-timing earlier keeps every device's memory events in the same order), so try them all."""
+    (re-timing earlier keeps every device's memory events in the same order), so try every remat
+    choice (none / option k, with or without RW) of every pair and every order."""
     S, M = instance.num_stages, instance.num_microbatches
     pairs = [(s, m) for s in range(S) for m in range(M)]
     best = None
-    subsets = itertools.chain.from_iterable(itertools.combinations(pairs, k) for k in range(len(pairs) + 1)) \
-        if instance.allow_remat else [()]
-    for remat in subsets:
+    for picks in itertools.product(*(_choices(instance, s) for s, _ in pairs)):
+        choice = dict(zip(pairs, picks))
         per_device = []
         for d in range(instance.num_devices):
             ops = [(op, s, m) for s in instance.stages_of_device[d] for m in range(M)
-                   for op in ("F", *(("R",) if (s, m) in remat else ()), *instance.backward_ops)]
+                   for op in ("F", *(("R",) if choice[s, m][0] is not None else ()), "B",
+                              *(("RW",) if choice[s, m][1] else ()), *instance.backward_ops[1:])]
             per_device.append(_device_orders(ops))
         for rows in itertools.product(*per_device):
-            program = [[f"{s}{op}{m}" for op, s, m in row] for row in rows]
+            program = [[f"{s}{op}{m}" + (f":{choice[s, m][0]}" if op == "R" else "") for op, s, m in row]
+                       for row in rows]
             try:
                 result = simulate(instance, program)
             except DeadlockError:
@@ -124,6 +146,27 @@ def test_lower_bound_and_optimal_claims_against_brute_force(instance):
         return
     assert approx_le(lower_bound(instance), optimum)
     assert approx_le(result.lower_bound, optimum)
+    assert approx_le(optimum, result.objective)
+    if result.status == "optimal":
+        assert approx_le(result.objective, optimum)
+
+
+@settings(max_examples=20, deadline=None)
+@given(small_instances(max_devices=2, max_stages=2, max_microbatches=2, extensions=True, max_pairs=2))
+def test_bound_and_optimum_against_brute_force_with_remat_options_and_rw(instance):
+    """formats.md 1.4: lower_bound <= exact optimum <= CP-SAT, equal when CP-SAT says optimal.
+    (At most 2 pairs: with every remat choice of every pair the enumeration grows as 6^pairs
+    times the orders; tests/test_pipeline_bounds.py checks the bounds on P <= 3, M <= 4 against
+    CP-SAT's proven optima.)"""
+    instance = instance.replace(allow_remat=True, stages=tuple(st if st.F > 0 else Stage(**{**st.__dict__, "F": 1})
+                                                               for st in instance.stages))
+    optimum = brute_force_optimum(instance)
+    result = solve_pipeline(instance, "cpsat", time_limit=10)
+    validate_pipeline(result.schedule)
+    if optimum is None:
+        assert result.status == "infeasible"
+        return
+    assert approx_le(lower_bound(instance), optimum)
     assert approx_le(optimum, result.objective)
     if result.status == "optimal":
         assert approx_le(result.objective, optimum)
@@ -204,7 +247,7 @@ def test_every_solver_honours_the_time_limit():
     for name in zoo.ZOO:
         devices = 8
         placement = (zoo.interleaved_placement(devices, 2) if name in ("interleaved-1f1b", "looped-bfs") else
-                     zoo.v_placement(devices) if name in ("zb-v", "v-half", "v-min", "dualpipe-v") else
+                     zoo.v_placement(devices) if name in ("zb-v", "v-half", "v-min", "dualpipe-v", "hanayo") else
                      zoo.linear_placement(devices))
         stages = [Stage(d, 10, 20, 10, 1, wgrad_stash=0.5) for d in placement]
         cases.append((PipelineInstance(devices, 128, stages, split_backward=True), name))

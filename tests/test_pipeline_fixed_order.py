@@ -1,0 +1,91 @@
+"""Optimal remat for a given order (issue 16 item 3): solve_pipeline(..., order=) and --fix-order."""
+
+import json
+
+import pytest
+from pipesched.solvers import solve_pipeline
+
+from pipesched._common import FormatError, approx_le
+from pipesched.cli import main
+from pipesched.pipeline import PipelineInstance, RematOption, Stage, format_program_csv, validate_pipeline, zoo
+from pipesched.pipeline.bounds import min_memory_need
+
+
+def tight_instance(P: int = 4, M: int = 8, rw: bool = True) -> PipelineInstance:
+    """Uniform split stages with two remat options and (optionally) a cheap RW; memory limit at
+    60% of the way from the one-microbatch minimum to what ZB-H1 needs without remat."""
+    stages = tuple(Stage(device=d, F=4, B=4, W=4, activation=4, wgrad_stash=2,
+                         remat_options=(RematOption(0, 4), RematOption(2, 3)),
+                         RW=1 if rw else None, wgrad_checkpoint=0) for d in range(P))
+    free = PipelineInstance(P, M, stages, split_backward=True, allow_remat=True)
+    need = max(min_memory_need(free, d) for d in range(P))
+    peak = max(zoo.zoo_schedule(free, "zb-h1").memory.peaks)
+    return free.replace(memory_limit=need + 0.6 * (peak - need))
+
+
+def fb_order(schedule) -> list[list[tuple[str, int, int]]]:
+    """Per device, its F/B/W ops in start order (R and RW left out)."""
+    rows = [[] for _ in range(schedule.instance.num_devices)]
+    for op in sorted(schedule.ops, key=lambda o: (o.start, o.end)):
+        if op.op in ("F", "B", "W"):
+            rows[schedule.device_of(op)].append((op.op, op.stage, op.microbatch))
+    return rows
+
+
+def test_zb_h1_under_tight_memory_fits_by_rw_and_beats_r_only():
+    instance = tight_instance()
+    assert not zoo.zoo_schedule(instance, "zb-h1").fits_memory
+    with_rw = solve_pipeline(instance, "cpsat", order="zb-h1", time_limit=20)
+    r_only = solve_pipeline(tight_instance(rw=False), "cpsat", order="zb-h1", time_limit=20)
+    validate_pipeline(with_rw.schedule)
+    assert any(op.op == "RW" for op in with_rw.schedule.ops)
+    assert with_rw.status in ("feasible", "optimal")
+    if r_only.status in ("feasible", "optimal"):
+        assert approx_le(with_rw.objective, r_only.objective)
+    # the order is kept: zb-h1's F/B/W sequence on every device
+    named = zoo.zoo_schedule(instance.replace(memory_limit=None), "zb-h1").schedule
+    assert fb_order(with_rw.schedule) == fb_order(named)
+    s = with_rw.schedule
+    assert approx_le(s.lower_bound, s.order_lower_bound) and approx_le(s.order_lower_bound, s.makespan)
+
+
+def test_order_from_a_program_csv_and_a_schedule_file_match_the_name(tmp_path):
+    instance = tight_instance(P=2, M=4)
+    program = zoo.ZOO["1f1b"](instance)
+    csv = tmp_path / "order.csv"
+    csv.write_text(format_program_csv(program))
+    by_name = solve_pipeline(instance, "greedy", order="1f1b")
+    by_csv = solve_pipeline(instance, "greedy", order=csv)
+    saved = tmp_path / "order.json"
+    by_name.schedule.save(saved)
+    by_file = solve_pipeline(instance, "greedy", order=saved)
+    assert by_name.objective == by_csv.objective == by_file.objective
+    for result in (by_name, by_csv, by_file):
+        validate_pipeline(result.schedule)
+
+
+def test_an_order_that_does_not_cover_the_instance_is_refused():
+    with pytest.raises(FormatError, match="fix-order"):
+        solve_pipeline(tight_instance(P=2, M=4), "cpsat", order=[["0F0", "0B0"], ["1F0", "1B0"]])
+
+
+def test_cli_fix_order_writes_a_valid_schedule_with_its_order_bound(tmp_path, capsys):
+    path = tmp_path / "instance.json"
+    tight_instance(P=2, M=4).save(path)
+    out = tmp_path / "schedule.json"
+    code = main(["solve", "pipeline", str(path), "--solver", "cpsat", "--fix-order", "zb-h1", "--time-limit", "5",
+                 "--quiet", "--out", str(out)])
+    assert code == 0
+    assert "lower bound" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["solver"].endswith("order=zb-h1") and data["order_lower_bound"] <= data["makespan"]
+    assert main(["validate", str(out)]) == 0
+
+
+def test_cli_fix_order_unknown_name_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "instance.json"
+    tight_instance(P=2, M=4).save(path)
+    code = main(["solve", "pipeline", str(path), "--fix-order", "no-such-order.csv", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-order.csv" in err
