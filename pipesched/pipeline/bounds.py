@@ -2,13 +2,15 @@
 
 Notation: S stages, M microbatches, c(s) the comm delay across boundary s|s+1 (0 on one device),
 stash(s) = wgrad_stash(s) when the backward is split, else 0. Every bound below holds for every
-schedule that satisfies formats.md 1.2 (remat included when allowed: R ops are optional, so no
-bound counts them as work). `lower_bound(instance)` is the max of all of them.
+schedule that satisfies formats.md 1.2 and 1.4 (remat options and backward-pass recompute included
+when allowed: R and RW ops are optional, so only `remat_memory_bound` counts them, as the price of
+fitting more microbatches). `lower_bound(instance)` is the max of all of them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 from pipesched.pipeline._model import PipelineInstance
@@ -18,10 +20,17 @@ class Bounds(NamedTuple):
     device_load: float
     critical_path: float
     memory: float
+    memory_energy: float
+    remat_memory: float
 
     @property
     def best(self) -> float:
         return max(self)
+
+    @property
+    def binding(self) -> str:
+        """The name of the bound that gives `best` (the first one on ties)."""
+        return self._fields[self.index(self.best)]
 
 
 def forward_head(instance: PipelineInstance, s: int) -> float:
@@ -68,16 +77,19 @@ def device_load_bound(instance: PipelineInstance) -> float:
     its ops. For one stage per device and uniform stages this is the textbook (M+P-1)(F+B) on the
     last device.
     """
+    return max(device_loads(instance), default=0.0)
+
+
+def device_loads(instance: PipelineInstance) -> list[float]:
+    """Per device, the bound of `device_load_bound` (0 for a device without stages)."""
     M = instance.num_microbatches
-    best = 0.0
+    out = []
     for stages in instance.stages_of_device:
-        if not stages:
-            continue
         ops = [(op, s) for s in stages for op in ("F", *instance.backward_ops)]
         load = M * sum(instance.duration(op, s) for op, s in ops)
         heads_tails = [op_head_tail(instance, op, s) for op, s in ops]
-        best = max(best, min(h for h, _ in heads_tails) + load + min(t for _, t in heads_tails))
-    return best
+        out.append(min(h for h, _ in heads_tails) + load + min(t for _, t in heads_tails) if ops else 0.0)
+    return out
 
 
 def critical_path_bound(instance: PipelineInstance) -> float:
@@ -86,22 +98,33 @@ def critical_path_bound(instance: PipelineInstance) -> float:
     return round_trip(instance, 0) + backward_tail(instance, 0)
 
 
+def least_checkpoint(instance: PipelineInstance, s: int) -> float:
+    """Least memory a microbatch of stage s can keep between its F and its backward: the smallest
+    checkpoint of its remat options when remat is allowed, else its whole activation."""
+    st = instance.stages[s]
+    return min(o.checkpoint for o in st.options) if instance.allow_remat else st.activation
+
+
+def least_recompute(instance: PipelineInstance, s: int) -> float:
+    """Least duration of an R op of stage s (over its remat options)."""
+    return min(o.R for o in instance.stages[s].options)
+
+
 def min_memory_need(instance: PipelineInstance, device: int) -> float:
     """Least peak memory any schedule needs on `device` (0 without stages).
 
     Proof: when F(s, m) starts, every stage s' < s on the same device has run F(s', m) and not yet
     B(s', m) (B(s', m) waits for B(s, m), which waits for F(s, m)), so it holds activation(s'), or
-    only checkpoint(s') when rematerialized; F(s, m) itself adds activation(s). Hence the peak is
-    at least max over s on the device of activation(s) + sum_{s' < s on it} kept(s'), with kept =
-    checkpoint when remat is allowed, else activation. Running microbatches one after another
-    (rematerializing every stage when allowed) reaches exactly this peak, so the instance is
-    feasible iff this need fits every device's limit.
+    only a checkpoint of one of its remat options when rematerialized; F(s, m) itself adds
+    activation(s). Hence the peak is at least max over s on the device of activation(s) +
+    sum_{s' < s on it} least_checkpoint(s'). Running microbatches one after another
+    (rematerializing every stage with its least-checkpoint option when allowed) reaches exactly
+    this peak, so the instance is feasible iff this need fits every device's limit.
     """
     need, kept = 0.0, 0.0
     for s in instance.stages_of_device[device]:
-        st = instance.stages[s]
-        need = max(need, kept + st.activation)
-        kept += st.checkpoint if instance.allow_remat else st.activation
+        need = max(need, kept + instance.stages[s].activation)
+        kept += least_checkpoint(instance, s)
     return need
 
 
@@ -116,36 +139,141 @@ def infeasible_devices(instance: PipelineInstance) -> list[tuple[int, float, flo
     return out
 
 
-def memory_bound(instance: PipelineInstance) -> float:
-    """Memory-limited bound (after Beaumont et al., "Mind the Bubbles and Memory", Inria 2025).
+def _concurrent(instance: PipelineInstance, s: int, outer: int) -> int | None:
+    """How many microbatches may be inside [F(outer, m).start, B(outer, m).end] while one more is
+    inside [F(s, m).start, B(s, m).end] (outer <= s on one device), or None if unbounded.
 
-    Without remat, microbatch m holds at least activation(s) on the device of stage s during
-    [F(s, m).start, B(s, m).end], an interval of length >= round_trip(s). If the device's limit
-    allows at most K = floor(limit / activation(s)) such intervals at once, the M intervals form an
-    interval graph of clique number <= K, hence (interval graphs are perfect) split into K chains
-    of pairwise disjoint intervals; one chain holds >= ceil(M / K) intervals, so
-    makespan >= head(F(s)) + ceil(M / K) * round_trip(s) + tail(B(s)).
-    K = 1 gives the exact M * round_trip of the paper; K >= M gives the critical path. With remat
-    allowed the held amount is only checkpoint(s) outside F and [R, B], and this bound is skipped.
+    That one holds activation(s) and at least least_checkpoint(s') of every stage s' < s of the
+    device (nested: F(s', m) has started, B(s', m) has not ended); each other one holds at least
+    activation(outer), or least_checkpoint(outer) if remat is allowed."""
+    st = instance.stages[s]
+    limit = instance.limit(st.device)
+    other = instance.stages[outer].activation if not instance.allow_remat or outer == s else \
+        least_checkpoint(instance, outer)
+    if limit is None or other <= 0:
+        return None
+    held = st.activation + sum(least_checkpoint(instance, j) for j in instance.stages_of_device[st.device] if j < s)
+    return max(0, math.floor((limit - held) / other + 1e-9))
+
+
+def memory_bound(instance: PipelineInstance) -> float:
+    """Memory-limited bound for one or several stages per device (after Beaumont et al., "Mind
+    the Bubbles and Memory", Inria 2025); without remat (see `remat_memory_bound` with it).
+
+    Pick stages o <= s on one device d. The core of microbatch m is C(m) = [F(s, m).start,
+    B(s, m).end] (length >= round_trip(s)), its hold E(m) = [F(o, m).start, B(o, m).end] contains
+    C(m) extended by pre = the forward chain o..s-1 before it and post = the backward chain
+    s-1..o after it. During C(m) at most q = `_concurrent(s, o)` other holds E(m') fit beside m.
+    Sort the cores by start c_1 <= ... <= c_M. If c_{i+q+1} < c_i + round_trip(s) + post, then at
+    c_{i+q+1} the holds of m_i..m_{i+q} (each covers [c_l - pre, c_l + round_trip(s) + post],
+    c_i <= c_l) all contain it, q + 1 holds beside a core; if c_{i+q+1} - pre < c_i +
+    round_trip(s), the holds of m_{i+1}..m_{i+q+1} all meet the end of C(m_i): both impossible. So
+    consecutive groups of q + 1 cores start >= D = round_trip(s) + max(pre, post) apart, and
+    makespan >= head(F(s)) + floor((M - 1) / (q + 1)) * D + round_trip(s) + tail(B(s)).
+    With o = s (pre = post = 0) this is the interval-chain bound head + ceil(M / K) * round_trip +
+    tail, K = q + 1 (K = 1: the paper's M * round_trip); on multi-wave placements o < s
+    (interleaved: s = o + P, V: s = 2P - 1 - o) accounts for the microbatch that must reach the
+    device's later stage before another may enter. Remat breaks the nesting (a rematerialized
+    pair keeps only a checkpoint): with remat allowed this bound is 0.
     """
     if instance.allow_remat or instance.memory_limit is None:
         return 0.0
-    M = instance.num_microbatches
+    M, stages = instance.num_microbatches, instance.stages
     best = 0.0
+    for on_device in instance.stages_of_device:
+        for s in on_device:
+            rt = round_trip(instance, s)
+            for o in (j for j in on_device if j <= s):
+                q = _concurrent(instance, s, o)
+                if q is None or q + 1 >= M:
+                    continue
+                pre = forward_head(instance, s) - forward_head(instance, o)
+                post = sum(instance.comm_after(j) + stages[j].B for j in range(o, s))
+                span = (forward_head(instance, s) + (M - 1) // (q + 1) * (rt + max(pre, post)) + rt
+                        + backward_tail(instance, s))
+                best = max(best, span)
+    return best
+
+
+def memory_energy_bound(instance: PipelineInstance) -> float:
+    """Energetic memory bound for devices holding several stages; without remat.
+
+    Microbatch m holds activation(s) during [F(s, m).start, B(s, m).end], of length >=
+    round_trip(s), inside [h, makespan - t] where h, t are the least head of F and least tail of B
+    over the device's stages; memory never exceeds the limit L there, so L * (makespan - h - t) >=
+    M * sum_s activation(s) * round_trip(s). With a split backward, m also holds wgrad_stash(s)
+    from B(s, m).end until W(s, m).end (>= W(s) later, after RW too), inside [h, makespan], so
+    also L * (makespan - h) >= that energy plus M * sum_s wgrad_stash(s) * W(s).
+    """
+    if instance.allow_remat or instance.memory_limit is None:
+        return 0.0
+    M, best = instance.num_microbatches, 0.0
+    for d, on_device in enumerate(instance.stages_of_device):
+        limit = instance.limit(d)
+        if not on_device or limit is None or limit <= 0:
+            continue
+        head = min(forward_head(instance, s) for s in on_device)
+        tail = min(backward_tail(instance, s) for s in on_device)
+        held = M * sum(instance.stages[s].activation * round_trip(instance, s) for s in on_device)
+        best = max(best, head + tail + held / limit)
+        if instance.split_backward:
+            stash = M * sum(instance.stages[s].wgrad_stash * instance.stages[s].W for s in on_device)
+            best = max(best, head + (held + stash) / limit)
+    return best
+
+
+def _least_max(load: float, per_remat: float, memory: Callable[[int], float], M: int) -> float:
+    """min over x in 0..M of max(load + x * per_remat, memory(x)), memory non-increasing in x."""
+    lo, hi = 0, M  # bisect the first x where the load side reaches the memory side
+    while lo < hi:
+        x = (lo + hi) // 2
+        if load + x * per_remat >= memory(x):
+            hi = x
+        else:
+            lo = x + 1
+    candidates = [lo] + ([lo - 1] if lo > 0 else [])
+    return min(max(load + x * per_remat, memory(x)) for x in candidates)
+
+
+def remat_memory_bound(instance: PipelineInstance) -> float:
+    """Memory-limited bound that stays valid with remat (formats.md 1.4 options and RW included).
+
+    Remat lets more microbatches be in flight at a recompute price. For a stage s on device d, let
+    x be the number of its microbatches a schedule rematerializes. A microbatch holds all of
+    activation(s) during its "full" intervals: [F(s, m).start, B(s, m).end] (length >=
+    round_trip(s)) when not rematerialized, else [F.start, F.end] and [R.start, B.end] (lengths
+    >= F(s) and least_recompute(s) + B(s)). While one is full, it also keeps least_checkpoint of
+    the device's earlier stages, so at most K = 1 + `_concurrent(s, s)` full intervals overlap;
+    they lie within [head(F(s)), makespan - tail(B(s))]. Interval graphs are perfect: they form
+    K chains of disjoint intervals, one of which holds >= ceil((M - x) / K) long ones, and the
+    total length is <= K times the window. So makespan >= head + tail + max(ceil((M - x) / K) *
+    round_trip(s), ((M - x) * round_trip(s) + x * (F + least_recompute + B)) / K) = memory(x).
+    Device d also runs x extra R ops, so makespan >= (device-load bound of d) + x *
+    least_recompute(s) = load(x). The schedule's own x satisfies both, hence makespan >= min_x
+    max(load(x), memory(x)). RW ops only act after B, so they change none of this.
+    """
+    if not instance.allow_remat or instance.memory_limit is None:
+        return 0.0
+    M, best = instance.num_microbatches, 0.0
+    loads = device_loads(instance)
     for s, st in enumerate(instance.stages):
-        limit = instance.limit(st.device)
-        if limit is None or st.activation <= 0:
+        q = _concurrent(instance, s, s)
+        if q is None or q + 1 >= M:
             continue
-        k = max(1, math.floor(limit / st.activation + 1e-9))
-        if k >= M:
-            continue
-        span = forward_head(instance, s) + math.ceil(M / k) * round_trip(instance, s) + backward_tail(instance, s)
-        best = max(best, span)
+        K, rt = q + 1, round_trip(instance, s)
+        head, tail = forward_head(instance, s), backward_tail(instance, s)
+        short = st.F + least_recompute(instance, s) + st.B
+
+        def memory(x: int) -> float:
+            return head + tail + max(math.ceil((M - x) / K) * rt, ((M - x) * rt + x * short) / K)
+
+        best = max(best, _least_max(loads[st.device], least_recompute(instance, s), memory, M))
     return best
 
 
 def bounds(instance: PipelineInstance) -> Bounds:
-    return Bounds(device_load_bound(instance), critical_path_bound(instance), memory_bound(instance))
+    return Bounds(device_load_bound(instance), critical_path_bound(instance), memory_bound(instance),
+                  memory_energy_bound(instance), remat_memory_bound(instance))
 
 
 def lower_bound(instance: PipelineInstance) -> float:
