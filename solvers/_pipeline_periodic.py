@@ -12,6 +12,7 @@ every paced schedule that fits the memory limit, plus its earliest-start compact
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterator
 
 from pipesched.solvers._interrupt import Deadline
@@ -22,6 +23,7 @@ from pipesched.pipeline._program import DeadlockError
 
 GRID = 16  # periods tried between the work bound and one microbatch's full chain
 REFINE = 6  # bisection steps between the last period that did not fit and the first that did
+MAX_GROUP = 4  # most microbatches released together
 
 
 class _Device:
@@ -44,10 +46,11 @@ class _Device:
         self.ends.insert(i, end)
 
 
-def paced_ops(instance: PipelineInstance, period: float, inline_w: bool) -> list[Op]:
+def paced_ops(instance: PipelineInstance, period: float, inline_w: bool, group: int = 1) -> list[Op]:
     """Microbatch after microbatch, each op of its chain at the earliest free time of its device
-    after its inputs (and F(0, m) after m * period). W ops follow their B at once (`inline_w`) or
-    are placed after every F and B, in the order of their B's end."""
+    after its inputs (and F(0, m) after (m // group) * period: `group` microbatches enter
+    together). W ops follow their B at once (`inline_w`) or are placed after every F and B, in the
+    order of their B's end."""
     S, stages = instance.num_stages, instance.stages
     devices = [_Device() for _ in range(instance.num_devices)]
     ops: list[Op] = []
@@ -62,7 +65,7 @@ def paced_ops(instance: PipelineInstance, period: float, inline_w: bool) -> list
 
     backwards: list[Op] = []
     for m in range(instance.num_microbatches):
-        ready = m * period
+        ready = m // group * period
         for s in range(S):
             ready = place("F", s, m, ready).end + (instance.comm_after(s) if s < S - 1 else 0)
         for s in reversed(range(S)):
@@ -109,42 +112,59 @@ def periods(instance: PipelineInstance) -> tuple[float, float]:
     return max(work), max(chain, max(work))
 
 
+def group_sizes(instance: PipelineInstance) -> range:
+    """1 up to how many microbatches' activations every device can hold at once (at most 4; only
+    1 without a memory limit, where pacing is not what matters)."""
+    fits = [math.floor(instance.limit(d) / held + 1e-9)
+            for d, held in enumerate(sum(instance.stages[s].activation for s in on_device)
+                                     for on_device in instance.stages_of_device)
+            if instance.limit(d) is not None and held > 0]
+    return range(1, max(1, min(fits + [MAX_GROUP])) + 1) if fits else range(1, 2)
+
+
 def paced_candidates(instance: PipelineInstance, deadline: Deadline | None = None,
                      solver: str = "greedy") -> Iterator[Simulation]:
-    """Paced schedules over a scan of periods (both W placements when split): the shortest that
-    fits the memory limit and its earliest-start compaction when that fits too. The scan stops
-    at `deadline`, keeping what it found."""
+    """Paced schedules over a scan of periods, for each group size and (when split) both W
+    placements: the shortest that fits the memory limit and its earliest-start compaction when
+    that fits too. The scan stops at `deadline`, keeping what it found."""
     lo, hi = periods(instance)
     if instance.num_microbatches < 2 or hi <= 0:
         return
-    for inline_w in (False, True) if instance.split_backward else (False,):
-        fits: dict[float, Simulation] = {}
-
-        def attempt(p: float) -> bool:
+    for group in group_sizes(instance):
+        for inline_w in (False, True) if instance.split_backward else (False,):
+            yield from _scan(instance, lo * group, hi * group, inline_w, group, deadline, solver)
             if deadline is not None and deadline.passed():
-                raise TimeoutError
-            result = _simulation(instance, paced_ops(instance, p, inline_w), solver)
-            if result.fits_memory:
-                fits[p] = result
-            return result.fits_memory
+                return
 
-        grid = [lo * (hi / lo) ** (i / GRID) for i in range(GRID + 1)] if lo > 0 else [hi]
-        try:
-            first = next((i for i, p in enumerate(grid) if attempt(p)), None)
-            if first is not None:
-                below, above = (grid[first - 1], grid[first]) if first > 0 else (grid[0], grid[0])
-                for _ in range(REFINE if first > 0 else 0):
-                    middle = (below + above) / 2
-                    below, above = (below, middle) if attempt(middle) else (middle, above)
-                for p in grid[first + 1:first + 3]:
-                    attempt(p)
-        except TimeoutError:
-            pass
-        if fits:
-            best = min(fits.values(), key=lambda r: r.schedule.makespan)
-            yield best
-            compact = _compacted(instance, best.schedule, solver)
-            if compact is not None:
-                yield compact
+
+def _scan(instance: PipelineInstance, lo: float, hi: float, inline_w: bool, group: int,
+          deadline: Deadline | None, solver: str) -> Iterator[Simulation]:
+    """Periods on a geometric grid from lo to hi, then bisection below the first that fits."""
+    fits: dict[float, Simulation] = {}
+
+    def attempt(p: float) -> bool:
         if deadline is not None and deadline.passed():
-            return
+            raise TimeoutError
+        result = _simulation(instance, paced_ops(instance, p, inline_w, group), solver)
+        if result.fits_memory:
+            fits[p] = result
+        return result.fits_memory
+
+    grid = [lo * (hi / lo) ** (i / GRID) for i in range(GRID + 1)] if lo > 0 else [hi]
+    try:
+        first = next((i for i, p in enumerate(grid) if attempt(p)), None)
+        if first is not None:
+            below, above = (grid[first - 1], grid[first]) if first > 0 else (grid[0], grid[0])
+            for _ in range(REFINE if first > 0 else 0):
+                middle = (below + above) / 2
+                below, above = (below, middle) if attempt(middle) else (middle, above)
+            for p in grid[first + 1:first + 3]:
+                attempt(p)
+    except TimeoutError:
+        pass
+    if fits:
+        best = min(fits.values(), key=lambda r: r.schedule.makespan)
+        yield best
+        compact = _compacted(instance, best.schedule, solver)
+        if compact is not None:
+            yield compact

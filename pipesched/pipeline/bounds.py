@@ -139,21 +139,23 @@ def infeasible_devices(instance: PipelineInstance) -> list[tuple[int, float, flo
     return out
 
 
-def _concurrent(instance: PipelineInstance, s: int, outer: int) -> int | None:
+def _concurrent(instance: PipelineInstance, s: int, outer: int, others_keep: float | None = None) -> int | None:
     """How many microbatches may be inside [F(outer, m).start, B(outer, m).end] while one more is
     inside [F(s, m).start, B(s, m).end] (outer <= s on one device), or None if unbounded.
 
     That one holds activation(s) and at least least_checkpoint(s') of every stage s' < s of the
     device (nested: F(s', m) has started, B(s', m) has not ended); each other one holds at least
-    activation(outer), or least_checkpoint(outer) if remat is allowed."""
+    `others_keep` (default: activation(outer), or least_checkpoint(outer) if remat is allowed
+    and outer < s)."""
     st = instance.stages[s]
     limit = instance.limit(st.device)
-    other = instance.stages[outer].activation if not instance.allow_remat or outer == s else \
-        least_checkpoint(instance, outer)
-    if limit is None or other <= 0:
+    if others_keep is None:
+        others_keep = instance.stages[outer].activation if not instance.allow_remat or outer == s else \
+            least_checkpoint(instance, outer)
+    if limit is None or others_keep <= 0:
         return None
     held = st.activation + sum(least_checkpoint(instance, j) for j in instance.stages_of_device[st.device] if j < s)
-    return max(0, math.floor((limit - held) / other + 1e-9))
+    return max(0, math.floor((limit - held) / others_keep + 1e-9))
 
 
 def memory_bound(instance: PipelineInstance) -> float:
@@ -251,17 +253,25 @@ def remat_memory_bound(instance: PipelineInstance) -> float:
     Device d also runs x extra R ops, so makespan >= (device-load bound of d) + x *
     least_recompute(s) = load(x). The schedule's own x satisfies both, hence makespan >= min_x
     max(load(x), memory(x)). RW ops only act after B, so they change none of this.
+    Besides, every microbatch holds at least least_checkpoint(s) over its whole [F(s, m).start,
+    B(s, m).end], rematerialized or not; the most such intervals overlap at some interval's start,
+    an F(s) start, where that F adds activation(s): so at most K' = 1 + floor((limit - activation(s)
+    - earlier stages' least checkpoints) / least_checkpoint(s)) overlap, and makespan >= head +
+    ceil(M / K') * round_trip(s) + tail (the interval-chain argument of `memory_bound`).
     """
     if not instance.allow_remat or instance.memory_limit is None:
         return 0.0
     M, best = instance.num_microbatches, 0.0
     loads = device_loads(instance)
     for s, st in enumerate(instance.stages):
+        rt, head, tail = round_trip(instance, s), forward_head(instance, s), backward_tail(instance, s)
+        q = _concurrent(instance, s, s, others_keep=least_checkpoint(instance, s))
+        if q is not None and q + 1 < M:  # hold intervals, however rematerialized
+            best = max(best, head + math.ceil(M / (q + 1)) * rt + tail)
         q = _concurrent(instance, s, s)
         if q is None or q + 1 >= M:
             continue
-        K, rt = q + 1, round_trip(instance, s)
-        head, tail = forward_head(instance, s), backward_tail(instance, s)
+        K = q + 1
         short = st.F + least_recompute(instance, s) + st.B
 
         def memory(x: int) -> float:
