@@ -165,6 +165,6 @@ def _scan(instance: PipelineInstance, lo: float, hi: float, inline_w: bool, grou
     if fits:
         best = min(fits.values(), key=lambda r: r.schedule.makespan)
         yield best
-        compact = _compacted(instance, best.schedule, solver)
+        compact = None if deadline is not None and deadline.passed() else _compacted(instance, best.schedule, solver)
         if compact is not None:
             yield compact

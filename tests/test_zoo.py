@@ -16,11 +16,13 @@ from pipesched.pipeline.zoo import (
     supports,
     uniform_instance,
     v_placement,
+    wave_placement,
     zoo_schedule,
 )
 
 LINEAR = ("gpipe", "1f1b", "zb-h1", "zb-h2")
 V_SHAPE = ("zb-v", "v-half", "v-min", "dualpipe-v")
+WAVE = ("hanayo",)
 NEEDS_SPLIT = ("zb-h1", "zb-h2", *V_SHAPE)
 DEVICES = (2, 3, 4, 8)
 
@@ -35,6 +37,8 @@ def placements(name, P):
         return [linear_placement(P)]
     if name in V_SHAPE:
         return [v_placement(P)]
+    if name in WAVE:
+        return [wave_placement(P, waves) for waves in (1, 2, 3)]
     return [interleaved_placement(P, v) for v in (1, 2, 3)]
 
 
@@ -61,6 +65,9 @@ def test_canonical_placements():
     assert linear_placement(3) == (0, 1, 2)
     assert interleaved_placement(3, 2) == (0, 1, 2, 0, 1, 2)
     assert v_placement(3) == (0, 1, 2, 2, 1, 0)
+    assert wave_placement(2, 2) == (0, 1, 1, 0, 0, 1, 1, 0)
+    for P in range(1, 9):
+        assert wave_placement(P, 1) == v_placement(P)
 
 
 def test_uniform_instance_splits_device_costs_among_chunks():
@@ -127,7 +134,7 @@ def test_valid_on_random_instances(name, data):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_unsupported_placement_is_refused_in_one_line(name):
-    other = v_placement(4) if name not in V_SHAPE else interleaved_placement(4, 2)
+    other = v_placement(4) if name not in V_SHAPE + WAVE else interleaved_placement(4, 2)
     instance = uniform_instance(4, 8, 1, 1, 1, split_backward=True, placement=other)
     assert not supports(name, instance)
     with pytest.raises(FormatError, match=rf"^{name}: needs [^\n]*placement") as error:
@@ -286,3 +293,77 @@ def test_dualpipe_v_published_bubble_and_memory(P):
     published = (P - 1) * ((f + b + w) + (b + w) - 3 * w)  # (PP/2-1)(F&B+B-3W), F&B not overlapped
     assert max(device_idle(sim.schedule)) <= published
     assert max(sim.memory.peaks) == P + 1 / 2  # PP+1 chunk activations of one half each
+
+
+# ---- Hanayo (wave placement) -------------------------------------------------------------------
+
+
+def hanayo_makespan(P, M, waves, t_f, t_b):
+    """Hanayo's makespan, each of the 2W·P stages taking t_f/2W forward and t_b/2W backward, no comm:
+    the 1F1B bubble (P-1)(t_f+t_b) divided by 2W, i.e. the bubble ratio (P-1)/(P-1 + 2WM)."""
+    return (M + (P - 1) / (2 * waves)) * (t_f + t_b)
+
+
+@pytest.mark.parametrize("P", DEVICES)
+@pytest.mark.parametrize("waves", [1, 2, 3])
+@pytest.mark.parametrize("t_f, t_b", [(1, 2), (1, 1), (3, 1)])
+def test_hanayo_bubble_ratio(P, waves, t_f, t_b):
+    """Bubble ratio (P-1)/(P-1 + 2WM) of Liu et al. 2023 (Hanayo, SC'23): with W waves a device's
+    ramp costs (P-1) stage-times of 1/2W of its share. Exact for M >= 2P-1, and no schedule does
+    better (device P-1 waits (P-1)t_f/2W for its first input and its last output needs
+    (P-1)t_b/2W more); for smaller M the formula stays a lower bound."""
+    for M in (1, P, 2 * P - 1, 2 * P, 3 * P + 1):
+        instance = uniform_instance(P, M, 2 * waves * t_f, 2 * waves * t_b, placement=wave_placement(P, waves))
+        makespan = run(instance, "hanayo").schedule.makespan
+        expected = hanayo_makespan(P, M, waves, 2 * waves * t_f, 2 * waves * t_b)
+        if M < 2 * P - 1:
+            assert makespan >= expected
+            continue
+        assert makespan == expected
+        busy = M * 2 * waves * (t_f + t_b)  # every device's share of the work
+        assert (makespan - busy) / makespan == pytest.approx((P - 1) / (P - 1 + 2 * waves * M))
+
+
+@pytest.mark.parametrize("P", DEVICES)
+def test_hanayo_one_wave_beats_1f1b_and_matches_interleaved(P):
+    M, F, B = 2 * P, 4, 8
+    hanayo = run(uniform_instance(P, M, F, B, placement=wave_placement(P, 1)), "hanayo").schedule
+    base = run(uniform_instance(P, M, F, B), "1f1b").schedule
+    interleaved = run(uniform_instance(P, M, F, B, placement=interleaved_placement(P, 2)), "interleaved-1f1b")
+    assert base.makespan - hanayo.makespan == (P - 1) * (F + B) / 2
+    assert hanayo.makespan == interleaved.schedule.makespan
+
+
+@pytest.mark.parametrize("P", [2, 3, 4])
+@pytest.mark.parametrize("waves", [1, 2])
+def test_hanayo_split_keeps_w_off_the_critical_path_and_memory(P, waves):
+    M, F, B, W = 2 * P, 2, 4, 2
+    instance = uniform_instance(P, M, 2 * waves * F, 2 * waves * B, 2 * waves * W, split_backward=True,
+                                placement=wave_placement(P, waves))
+    sim = run(instance, "hanayo")
+    assert sim.schedule.makespan == M * 2 * waves * (F + B + W) + (P - 1) * (F + B)
+    chunks = 2 * waves
+    assert sim.memory.peaks == tuple(min(((chunks - 1) * M + 2 * d + 1) / chunks, M) for d in range(P))
+
+
+def test_hanayo_never_deadlocks():
+    """The order depends on (P, W, M) only, so one heterogeneous instance with comm per triple checks it."""
+    for P in range(1, 7):
+        for waves in (1, 2, 3):
+            for M in range(1, 13):
+                instance = heterogeneous_instance(P, M, seed=100 * P + 10 * waves + M, spread=0.9,
+                                                  split_backward=M % 2 == 0, placement=wave_placement(P, waves),
+                                                  comm=M % 3)
+                schedule = run(instance, "hanayo").schedule
+                assert schedule.makespan >= max(sum(instance.duration(op.op, op.stage) for op in
+                                                    schedule.ops_of_device(d)) for d in range(P))
+
+
+@pytest.mark.parametrize("placement", [linear_placement(4), interleaved_placement(4, 2),
+                                       wave_placement(4, 1)[:-1] + (1,), wave_placement(4, 2)[:12]])
+def test_hanayo_refuses_other_placements(placement):
+    instance = heterogeneous_instance(4, 8, placement=placement)
+    assert not supports("hanayo", instance)
+    with pytest.raises(FormatError, match=r"^hanayo: needs the wave placement[^\n]*wave_placement\(P, W\)") as error:
+        zoo_schedule(instance, "hanayo")
+    assert "\n" not in str(error.value)

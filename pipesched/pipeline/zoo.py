@@ -13,7 +13,8 @@ between its first and last op (the papers' measure); "zero bubble" schedules sti
 forward ramp in the makespan. ``tests/test_zoo.py`` checks the published figures on uniform instances.
 
 Instance builders: :func:`uniform_instance`, :func:`heterogeneous_instance`; canonical
-placements: :func:`linear_placement`, :func:`interleaved_placement`, :func:`v_placement`.
+placements: :func:`linear_placement`, :func:`interleaved_placement`, :func:`v_placement`,
+:func:`wave_placement`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Literal
 from pipesched._common import FormatError
 from pipesched.pipeline._model import PipelineInstance, Stage
 from pipesched.pipeline._program import Action, Program, Simulation, simulate
+from pipesched.pipeline._zoo_hanayo import device_order as hanayo_order
 from pipesched.pipeline._zoo_vshape import device_orders
 
 Generator = Callable[[PipelineInstance], Program]
@@ -47,6 +49,12 @@ def interleaved_placement(num_devices: int, chunks: int) -> tuple[int, ...]:
 def v_placement(num_devices: int) -> tuple[int, ...]:
     """V-shape placement: 2P stages, stage s on device s for s < P and on 2P-1-s after."""
     return tuple(range(num_devices)) + tuple(reversed(range(num_devices)))
+
+
+def wave_placement(num_devices: int, waves: int) -> tuple[int, ...]:
+    """Hanayo's wave placement: 2·waves·P stages going down devices 0..P-1 and back up, `waves`
+    times (a zig-zag of V's); wave_placement(P, 1) is v_placement(P)."""
+    return v_placement(num_devices) * waves
 
 
 def uniform_instance(num_devices: int, num_microbatches: int, F: float, B: float, W: float = 0,
@@ -271,6 +279,16 @@ def _check_v(instance: PipelineInstance, name: str) -> None:
           "the V placement (v_placement(P): stage s on device s, then 2P-1-s) and split_backward", instance)
 
 
+def _check_wave(instance: PipelineInstance, name: str) -> int:
+    """The waves W of a wave placement (2W·P stages zig-zagging over the devices)."""
+    P, S = instance.num_devices, instance.num_stages
+    waves = S // (2 * P)
+    _need(waves >= 1 and [st.device for st in instance.stages] == list(wave_placement(P, waves)), name,
+          "the wave placement, 2W·P stages down devices 0..P-1 and back up, W times (wave_placement(P, W))",
+          instance)
+    return waves
+
+
 def _within(program: Program, num_microbatches: int) -> Program:
     """Drop the actions of padding microbatches >= num_microbatches. A suborder of a runnable
     program is runnable (its ops keep their times), so this never creates a deadlock."""
@@ -467,6 +485,26 @@ def _v_program(instance: PipelineInstance, kind: Literal["half", "min"]) -> Prog
     return tuple(rows)
 
 
+def hanayo(instance: PipelineInstance) -> Program:
+    """Hanayo (Liu et al. 2023, "Hanayo: Harnessing Wave-like Pipeline Parallelism for Enhanced
+    Large Model Training Efficiency", SC'23): W waves of V's, no model replicas; each device runs
+    its forwards as they arrive up to the last half wave, then 1F1B (see `_zoo_hanayo`).
+
+    Wave placement wave_placement(P, W), W = S / 2P waves, any M; when split, each weight
+    gradient runs right after its B, off the critical path (it adds M times its time). Bubble
+    (P-1)(F+B)/2W, 1F1B's divided by 2W: bubble ratio (P-1)/(P-1 + 2WM), makespan
+    (M + (P-1)/2W)(F+B). Reached (measured) for M >= 2P-1 when B/F is between 1/3 and 3, and no
+    schedule does better (device P-1 waits (P-1)F/2W for its first input, and its last output
+    needs (P-1)B/2W more). Peak activation memory ((2W-1)M + 2d + 1)/2W on device d, capped at
+    M: near GPipe's M for large M.
+    """
+    waves = _check_wave(instance, "hanayo")
+    P, M = instance.num_devices, instance.num_microbatches
+    return tuple(tuple(action for op, s, m in hanayo_order(P, waves, M, d)
+                       for action in ([Action(s, "F", m)] if op == "F" else _backward(instance, s, m)))
+                 for d in range(P))
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 
@@ -482,6 +520,7 @@ ZOO: dict[str, Generator] = {
     "v-half": v_half,
     "v-min": v_min,
     "dualpipe-v": dualpipe_v,
+    "hanayo": hanayo,
 }
 """The named schedules by CLI name."""
 
