@@ -89,3 +89,29 @@ def test_cli_fix_order_unknown_name_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no-such-order.csv" in err
+
+
+def placement_for(name: str, P: int) -> tuple[int, ...]:
+    if name in ("interleaved-1f1b", "looped-bfs"):
+        return zoo.interleaved_placement(P, 2)
+    if name in ("zb-v", "v-half", "v-min", "dualpipe-v", "hanayo"):
+        return zoo.v_placement(P)
+    return zoo.linear_placement(P)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_every_named_schedule_is_a_fixed_order_made_to_fit_by_remat(name):
+    """Each zoo name under a limit it exceeds on its own: the order is kept and fits by remat."""
+    P, M = 2, 4
+    stages = tuple(Stage(device=d, F=2, B=2, W=2, activation=4, wgrad_stash=2,
+                         remat_options=(RematOption(0, 2), RematOption(2, 1)), RW=1)
+                   for d in placement_for(name, P))
+    free = PipelineInstance(P, M, stages, split_backward=True, allow_remat=True)
+    named = zoo.zoo_schedule(free, name)
+    need = max(min_memory_need(free, d) for d in range(P))
+    instance = free.replace(memory_limit=need + 0.5 * (max(named.memory.peaks) - need))
+    assert not zoo.zoo_schedule(instance, name).fits_memory
+    result = solve_pipeline(instance, "cpsat", order=name, time_limit=5)
+    assert result.status in ("feasible", "optimal"), result.status
+    validate_pipeline(result.schedule)
+    assert fb_order(result.schedule) == fb_order(named.schedule)
