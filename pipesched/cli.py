@@ -181,7 +181,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.schedule:
         inst = schedule.instance
         timing = executor.profile_instance(config, [st.device for st in inst.stages], inst.num_microbatches,
-                                           split_backward=inst.split_backward, allow_remat=inst.allow_remat)
+                                           split_backward=inst.split_backward, allow_remat=inst.allow_remat,
+                                           remat_options=any(st.remat_options is not None for st in inst.stages),
+                                           backward_recompute=bool(schedule.backward_recomputed))
         name = args.schedule
     else:
         microbatches = args.microbatches or 2 * args.devices

@@ -31,7 +31,7 @@ from pipesched.executor import (
     tick_times,
     train_step_fn,
 )
-from pipesched.executor._plan import BRANCH, OPS, branch_index
+from pipesched.executor._plan import BRANCH, OPS
 from pipesched.executor._profile import calibration_plan, calibration_rows
 from pipesched.pipeline import Action, PipelineSchedule, simulate, validate_pipeline
 from pipesched.pipeline.zoo import uniform_instance, zoo_schedule
@@ -58,12 +58,18 @@ def test_hand_written_remat_schedule_gradients_equal_reference():
 
 @pytest.fixture(scope="module")
 def gpt_remat():
-    """gpt-tiny on 2 devices, 1F1B with two rematerialized microbatches, compiled once."""
+    """gpt-tiny on 2 devices, 1F1B with two rematerialized microbatches, one of remat option 0
+    (keep the stage input), one of option 1 (keep the attention), compiled once."""
     inst = uniform(2, 2, remat=True)
-    return compile_pipeline(simulate(inst, hand_1f1b(inst, remat=frozenset({(0, 1), (1, 0)}))).schedule, "gpt-tiny")
+    inst = inst.replace(stages=tuple(dataclasses.replace(st, remat_options=((st.checkpoint, st.R), (0.5, st.R / 2)))
+                                     for st in inst.stages))
+    rows = [[a._replace(option=1) if a == Action(1, "R", 0) else a for a in row]
+            for row in hand_1f1b(inst, remat=frozenset({(0, 1), (1, 0)}))]
+    return compile_pipeline(simulate(inst, rows).schedule, "gpt-tiny")
 
 
 def test_gpt_tiny_remat_gradients_equal_reference(gpt_remat):
+    assert {(op.op, op.option) for op in gpt_remat.schedule.ops if op.op == "R"} == {("R", 0), ("R", 1)}
     loss, ref_loss, error = gradient_error(gpt_remat)
     assert abs(loss - ref_loss) <= TOL and error <= TOL
 
@@ -137,10 +143,14 @@ def test_tick_times_cover_every_branch_the_program_runs():
 def test_calibration_program_has_every_branch_of_the_placement():
     plan = calibration_plan((0, 1, 1, 0), split_backward=True)  # V shape: first, middle and last kinds
     assert plan.num_microbatches == 1 and plan.residual_slots == (2, 2)  # two stages live per device
-    expected = {0} | {branch_index(c, op) for c in range(3) for op in OPS}
+    expected = {0} | {plan.branch_index(c, op) for c in range(3) for op in OPS}
     assert set(calibration_rows(plan)) == expected
     fused = calibration_plan((0, 1), split_backward=False)
-    assert set(calibration_rows(fused)) == {0} | {branch_index(c, op) for c in range(2) for op in OPS if op != "W"}
+    assert set(calibration_rows(fused)) == {0} | {fused.branch_index(c, op) for c in range(2) for op in OPS
+                                                  if op != "W"}
+    remat = calibration_plan((0, 1), split_backward=True, num_options=2, backward_recompute=True)
+    assert remat.ops == (*OPS, "RW", "Fr:1", "R:1")  # RW, then Fr and R of remat option 1
+    assert set(calibration_rows(remat)) == {0} | {remat.branch_index(c, op) for c in range(2) for op in remat.ops}
 
 
 def test_profile_in_program_times_every_op_as_a_tick():

@@ -13,6 +13,7 @@ from pipesched.executor._distributed import ProcessFailure, distributed_grads, f
 from pipesched.executor._memory import activation_peaks, byte_instance, device_bytes, memory_terms, pool_bytes
 from pipesched.executor._models import (
                                          MODELS,
+                                         REMAT_OPTIONS,
                                          Batch,
                                          ModelConfig,
                                          StagedModel,
@@ -47,7 +48,7 @@ from pipesched.executor._run import (
 )
 
 __all__ = [
-    "AXIS", "MODELS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
+    "AXIS", "MODELS", "REMAT_OPTIONS", "REPORT_FORMAT", "Batch", "ModelConfig", "Pipeline", "PipelineProgram", "Plan",
     "ProcessFailure", "StageMemory", "StagedModel", "activation_peaks", "build_program", "byte_instance",
     "compile_pipeline", "compiled_memory_bytes", "compiled_step_memory_bytes", "device_bytes", "distributed_grads", "executed_form", "free_port",
     "gradient_error", "init_optimizer", "loss_curves", "make_batch", "make_mesh", "make_model", "make_plan",

@@ -5,11 +5,13 @@ disjoint shards of every microbatch (data parallelism on top), and the loss and 
 averaged over `data` at the end (a mean of equal-size shard means is the whole batch's mean).
 
 Each device scans over the ticks of its row of the action table; a tick runs one `lax.switch`
-branch (idle, or F / Fr / B / W / R of a stage kind) and then moves the tick's output to the
-neighbour devices with one `lax.ppermute` per device shift. Values live in fixed slot pools, each
-with a trash slot: `hidden` (stage inputs in transit or kept for R, gradients waiting for B),
-`residual` (VJP residuals from F or R until B) and `stash` (op inputs and output gradients from
-F/R and B until W). Parameters of the stages of one kind are stacked per device.
+branch (idle, or an op of a stage kind: `Plan.ops`, `_branches`) and then moves the tick's output
+to the neighbour devices with one `lax.ppermute` per device shift. Values live in fixed slot pools,
+each with a trash slot: `hidden` (stage inputs in transit or kept for R or RW, gradients waiting for
+B), `residual` (VJP residuals from F or R until B), `checkpoint` (what Fr of a remat option k > 0
+keeps until R) and the W stash, split backward: `stash_inputs` (op inputs from F/R until W, or
+until B and again from RW until W) and `stash_grads` (op output gradients until W). Parameters of
+the stages of one kind are stacked per device.
 
 A device's pools hold the packed values (flat float32) of all its stages, so a pool has as many
 slots as the device's peak number of live microbatches, each as large as the largest stage kind's
@@ -32,86 +34,24 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pipesched.executor._branches import POOLS, Emit, Layout, applies, branch, idle, make_layout, writer
 from pipesched.executor._models import Batch, StagedModel, make_batch
-from pipesched.executor._plan import BRANCH, IN, LOCAL, MICROBATCH, OPS, OUT, RES, STASH, Plan
-from pipesched.executor._stage_ops import (
-    ResidualLayout,
-    StageKind,
-    forward,
-    full_vjp,
-    input_vjp,
-    join_residuals,
-    residual_layout,
-    split_residuals,
-    weight_grad,
-)
+from pipesched.executor._plan import BRANCH, CHECKPOINT, GRADS, IN, LOCAL, MICROBATCH, OUT, RES, STASH, Plan, op_option
+from pipesched.executor._stage_ops import Leaves, StageKind, StageLayout, stage_layout
 
 AXIS = "pipe"
 DATA = "data"
-Leaves = list  # the leaves of a pytree, in jax.tree.leaves order
-
-
-class Flat(NamedTuple):
-    """How a list of arrays of one stage kind packs into a flat float32 vector (one slot of a pool):
-    float32 as is, other 4-byte types bit-cast, smaller types converted exactly."""
-
-    shapes: tuple[jax.ShapeDtypeStruct, ...]
-
-    @property
-    def size(self) -> int:
-        return sum(int(np.prod(a.shape)) for a in self.shapes)
-
-    def pack(self, leaves: Leaves, length: int) -> jax.Array:
-        parts = [_to_f32(a).ravel() for a in leaves]
-        return jnp.pad(jnp.concatenate(parts), (0, length - self.size)) if parts else jnp.zeros(length, jnp.float32)
-
-    def unpack(self, flat: jax.Array) -> Leaves:
-        leaves, offset = [], 0
-        for a in self.shapes:
-            n = int(np.prod(a.shape))
-            leaves.append(_from_f32(flat[offset:offset + n].reshape(a.shape), a.dtype))
-            offset += n
-        return leaves
-
-
-def _to_f32(a: jax.Array) -> jax.Array:
-    if a.dtype == jnp.float32:
-        return a
-    if jnp.dtype(a.dtype).itemsize == 4:
-        return lax.bitcast_convert_type(a, jnp.float32)
-    return a.astype(jnp.float32)
-
-
-def _from_f32(a: jax.Array, dtype) -> jax.Array:
-    if dtype == jnp.float32:
-        return a
-    if jnp.dtype(dtype).itemsize == 4:
-        return lax.bitcast_convert_type(a, dtype)
-    return a.astype(dtype)
-
-
 class Carry(NamedTuple):
     """The scan state of one device. Pools are [slots + 1, ...]; the last slot is the trash slot
     that writes of a tick with nothing to keep go to."""
 
     hidden: jax.Array  # [hidden_slots + 1, *hidden_shape]
     residual: jax.Array  # [residual slots + 1, largest packed VJP residuals of a stage kind]
+    checkpoint: jax.Array  # [checkpoint slots + 1, largest packed checkpoint of a remat option k > 0]
     stash_inputs: jax.Array  # [stash slots + 1, largest packed op inputs] (split backward)
-    stash_grads: jax.Array  # [stash slots + 1, largest packed op output gradients] (split backward)
+    stash_grads: jax.Array  # [grad slots + 1, largest packed op output gradients] (split backward)
     grads: tuple[Leaves, ...]  # per kind: parameter gradients, [local stages, ...] per leaf
     loss: jax.Array
-
-
-class Emit(NamedTuple):
-    """What a branch produces: packed slot values (zeros when it keeps none) and, per kind, a
-    parameter gradient (zeros for the kinds it does not run)."""
-
-    out: jax.Array  # the hidden state or input gradient sent on
-    loss: jax.Array
-    residual: jax.Array
-    stash_inputs: jax.Array
-    stash_grads: jax.Array
-    grads: tuple[Leaves, ...]
 
 
 def make_mesh(num_devices: int, devices=None, data_parallel: int = 1) -> Mesh:
@@ -161,99 +101,88 @@ class PipelineProgram(NamedTuple):
     with_table: Callable
 
 
-class _Layout(NamedTuple):
-    """Per kind the packing of each pool's values; the pools' slot lengths; parameter shapes."""
-
-    hidden: jax.ShapeDtypeStruct
-    residual: tuple[Flat, ...]
-    stash_inputs: tuple[Flat, ...]
-    stash_grads: tuple[Flat, ...]
-    params: tuple[Leaves, ...]
-
-    def length(self, pool: str) -> int:
-        return max(1, max(flat.size for flat in getattr(self, pool)))
-
-    def zero_grads(self) -> tuple[Leaves, ...]:
-        return tuple([_zeros(a) for a in kind] for kind in self.params)
+def _kinds(plan: Plan, model: StagedModel) -> list[StageKind]:
+    return [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
 
 
-def _zeros(a) -> jax.Array:
-    return jnp.zeros(a.shape, a.dtype)
-
-
-def _layout(plan: Plan, model: StagedModel, kinds: list[StageKind], residuals: list[ResidualLayout]) -> _Layout:
-    def flat(tree) -> Flat:
-        return Flat(tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(tree)))
-    split = plan.split_backward
-    return _Layout(
-        hidden=jax.ShapeDtypeStruct(model.hidden_shape, jnp.float32),
-        residual=tuple(flat(list(r.stored)) for r in residuals),
-        stash_inputs=tuple(flat(k.inputs if split else []) for k in kinds),
-        stash_grads=tuple(flat(k.taps if split else []) for k in kinds),
-        params=tuple(jax.tree.leaves(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))))
-
-
-def slot_bytes(plan: Plan, model: StagedModel) -> dict[str, int]:
-    """Bytes of one slot of each pool of the program built for `plan`."""
-    kinds = [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
-    layout = _layout(plan, model, kinds, _residual_layouts(plan, model, kinds))
-    return {"hidden": int(np.prod(layout.hidden.shape)) * 4, "residual": 4 * layout.length("residual"),
-            "stash": 4 * (layout.length("stash_inputs") + layout.length("stash_grads")) if plan.split_backward else 0}
-
-
-def _residual_layouts(plan: Plan, model: StagedModel, kinds: list[StageKind], batch_shapes: Batch | None = None
-                      ) -> list[ResidualLayout]:
+def _stage_layouts(plan: Plan, model: StagedModel, kinds: list[StageKind], batch_shapes: Batch | None = None
+                   ) -> list[StageLayout]:
     batch = make_batch(model.config, 1) if batch_shapes is None else batch_shapes
     hidden = jax.ShapeDtypeStruct(model.hidden_shape, jnp.float32)
     x0 = jax.ShapeDtypeStruct(batch.inputs.shape[1:], batch.inputs.dtype)
     y0 = jax.ShapeDtypeStruct(batch.targets.shape[1:], batch.targets.dtype)
-    return [residual_layout(k, model.params[plan.kind_of.index(c)], hidden, x0, y0, plan.split_backward)
+    return [stage_layout(k, model.params[plan.kind_of.index(c)], hidden, x0, y0, plan.split_backward)
             for c, k in enumerate(kinds)]
+
+
+def _layout(plan: Plan, model: StagedModel, kinds: list[StageKind], stages: list[StageLayout]) -> Layout:
+    params = [model.params[plan.kind_of.index(c)] for c in range(len(kinds))]
+    return make_layout(model.hidden_shape, kinds, stages, params, plan.split_backward)
+
+
+def slot_bytes(plan: Plan, model: StagedModel) -> dict[str, int]:
+    """Bytes of one slot of each pool of the program built for `plan` (`stash`: both W stash pools)."""
+    kinds = _kinds(plan, model)
+    layout = _layout(plan, model, kinds, _stage_layouts(plan, model, kinds))
+    split = plan.split_backward
+    size = {"hidden": int(np.prod(layout.hidden.shape)) * 4, "residual": 4 * layout.length("residual"),
+            "checkpoint": 4 * layout.length("checkpoint"),
+            "stash_inputs": 4 * layout.length("stash_inputs") if split else 0,
+            "stash_grads": 4 * layout.length("stash_grads") if split else 0}
+    return {**size, "stash": size["stash_inputs"] + size["stash_grads"]}
+
+
+def _check_options(plan: Plan, kinds: list[StageKind], model: StagedModel) -> None:
+    """ValueError if the table runs a branch the model lacks: a remat option it does not define."""
+    for b in np.unique(plan.table[:, :, BRANCH]):
+        c, op = divmod(int(b) - 1, len(plan.ops))
+        if b and not applies(plan.ops[op], kinds[c], plan.split_backward):
+            raise ValueError(f"the schedule uses remat option {op_option(plan.ops[op])[1]} on a stage of kind "
+                             f"(first, last) = {plan.kinds[c]}: model {model.config.name!r} has the remat options "
+                             f"{', '.join(kinds[c].options)} (REMAT_OPTIONS)")
 
 
 def build_program(plan: Plan, model: StagedModel, batch_shapes: Batch, mesh: Mesh) -> PipelineProgram:
     """Build the SPMD program of `plan` for `model` (stages of a kind share one structure) over
     `mesh` (`make_mesh`); `batch_shapes` is the whole batch, each microbatch cut into
     mesh.shape["data"] shards of the model's microbatch size."""
-    kinds = [StageKind.of(model, plan.kind_of.index(c)) for c in range(len(plan.kinds))]
+    kinds = _kinds(plan, model)
+    _check_options(plan, kinds, model)
     split = plan.split_backward
-    residuals = _residual_layouts(plan, model, kinds, _shard_shapes(batch_shapes, mesh.shape[DATA]))
-    layout = _layout(plan, model, kinds, residuals)
+    stages = _stage_layouts(plan, model, kinds, _shard_shapes(batch_shapes, mesh.shape[DATA]))
+    layout = _layout(plan, model, kinds, stages)
     param_trees = [jax.tree.structure(model.params[plan.kind_of.index(c)]) for c in range(len(kinds))]
 
-    branches, writers = [_idle(layout)], [-np.ones(4, np.int32)]
+    branches, writers = [idle(layout)], [-np.ones(len(POOLS) + 1, np.int32)]
     for c, kind in enumerate(kinds):
-        for op in OPS:
-            branches.append(_branch(op, c, kind, residuals[c], param_trees[c], plan.kinds[c][1], split,
-                                    plan.num_microbatches, layout) if split or op != "W" else _idle(layout))
-            writers.append(_writer(op, c, split))
-    writer_table = np.stack(writers)  # [branch, (residual, stash inputs, stash grads, grads)] -> kind or -1
+        for op in plan.ops:
+            branches.append(branch(op, c, kind, stages[c], param_trees[c], plan.kinds[c][1], split,
+                                   plan.num_microbatches, layout) if applies(op, kind, split) else idle(layout))
+            writers.append(writer(op, c, split))
+    writer_table = np.stack(writers)  # [branch, (POOLS..., grads)] -> kind or -1
     P_ = plan.num_devices
-    residual_trash, stash_trash = max(plan.residual_slots), max(plan.stash_slots, default=0)
+    slots = {"residual": (max(plan.residual_slots), RES), "checkpoint": (max(plan.checkpoint_slots), CHECKPOINT),
+             "stash_inputs": (max(plan.stash_slots, default=0), STASH),
+             "stash_grads": (max(plan.grad_slots, default=0), GRADS)}  # pool -> (trash slot, table column)
 
     def per_device(params, table, inputs, targets):
         params = tuple(jax.tree.leaves(jax.tree.map(lambda a: a[0], p)) for p in params)
         carry = Carry(
             hidden=jnp.zeros((plan.hidden_slots + 1, *layout.hidden.shape), jnp.float32),
-            residual=jnp.zeros((residual_trash + 1, layout.length("residual")), jnp.float32),
-            stash_inputs=jnp.zeros((stash_trash + 1, layout.length("stash_inputs")), jnp.float32),
-            stash_grads=jnp.zeros((stash_trash + 1, layout.length("stash_grads")), jnp.float32),
+            **{pool: jnp.zeros((trash + 1, layout.length(pool)), jnp.float32) for pool, (trash, _) in slots.items()},
             grads=tuple([jnp.zeros_like(a) for a in kind] for kind in params),  # [local stages, ...]
             loss=jnp.zeros((), jnp.float32))
         writes = jnp.asarray(writer_table)
 
         def tick(carry: Carry, row):
             emit = lax.switch(row[BRANCH], [_reading(b) for b in branches], carry.hidden, inputs, targets, params,
-                              carry.residual, carry.stash_inputs, carry.stash_grads, row)
+                              *(getattr(carry, pool) for pool in POOLS), row)
             writer = writes[row[BRANCH]]
+            kept = {pool: _put(getattr(carry, pool), jnp.where(writer[i] >= 0, row[slots[pool][1]], slots[pool][0]),
+                               getattr(emit, pool)) for i, pool in enumerate(POOLS)}
             carry = Carry(
-                hidden=_send(carry.hidden, emit.out, row, plan.shifts, P_),
-                residual=_put(carry.residual, jnp.where(writer[0] >= 0, row[RES], residual_trash), emit.residual),
-                stash_inputs=_put(carry.stash_inputs, jnp.where(writer[1] >= 0, row[STASH], stash_trash),
-                                  emit.stash_inputs),
-                stash_grads=_put(carry.stash_grads, jnp.where(writer[2] >= 0, row[STASH], stash_trash),
-                                 emit.stash_grads),
-                grads=tuple(_accumulate(carry.grads[c], row[LOCAL], emit.grads[c], writer[3] == c)
+                hidden=_send(carry.hidden, emit.out, row, plan.shifts, P_), **kept,
+                grads=tuple(_accumulate(carry.grads[c], row[LOCAL], emit.grads[c], writer[len(POOLS)] == c)
                             for c in range(len(kinds))),
                 loss=carry.loss + emit.loss)
             return carry, None
@@ -290,10 +219,10 @@ def _shard_shapes(batch: Batch, data_parallel: int) -> Batch:
 def _reading(run: Callable) -> Callable:
     """The branch reads its slots inside the switch: a slot read before it would be copied every
     tick, whether the branch uses it or not."""
-    def read(hidden, inputs, targets, params, residual, stash_inputs, stash_grads, row) -> Emit:
-        m, stash = row[MICROBATCH], row[STASH]
-        return run(hidden[row[IN]], inputs[m], targets[m], params, residual[row[RES]], stash_inputs[stash],
-                   stash_grads[stash], row)
+    def read(hidden, inputs, targets, params, residual, checkpoint, stash_inputs, stash_grads, row) -> Emit:
+        m = row[MICROBATCH]
+        return run(hidden[row[IN]], inputs[m], targets[m], params, residual[row[RES]], checkpoint[row[CHECKPOINT]],
+                   stash_inputs[row[STASH]], stash_grads[row[GRADS]], row)
     return read
 
 
@@ -312,70 +241,3 @@ def _send(hidden: jax.Array, out: jax.Array, row, shifts: tuple[int, ...], num_d
         received = lax.ppermute(out, AXIS, [(d, (d + shift) % num_devices) for d in range(num_devices)])
         hidden = hidden.at[row[OUT + 1 + i]].set(received)
     return hidden
-
-
-def _writer(op: str, c: int, split: bool) -> np.ndarray:
-    """Per branch, the kind whose (residual, stash inputs, stash grads, grads) it writes, or -1."""
-    keeps = op in ("F", "R")
-    accumulates = op == "W" or (op == "B" and not split)
-    return np.array([c if keeps else -1, c if keeps and split else -1, c if op == "B" and split else -1,
-                     c if accumulates else -1], np.int32)
-
-
-def _idle(layout: _Layout) -> Callable:
-    def run(h, x, y, params, residual, stash_inputs, stash_grads, row) -> Emit:
-        return _emit(layout)
-    return run
-
-
-def _emit(layout: _Layout, c: int | None = None, out=None, loss=None, residual: Leaves | None = None,
-          stash_inputs: Leaves | None = None, stash_grads: Leaves | None = None, grads: Leaves | None = None) -> Emit:
-    """An Emit with the given values of kind c, packed, and zeros elsewhere."""
-    def packed(pool: str, leaves: Leaves | None) -> jax.Array:
-        length = layout.length(pool)
-        return jnp.zeros(length, jnp.float32) if leaves is None else getattr(layout, pool)[c].pack(leaves, length)
-    zero_grads = layout.zero_grads()
-    if grads is not None:
-        zero_grads = zero_grads[:c] + (grads,) + zero_grads[c + 1:]
-    return Emit(_zeros(layout.hidden) if out is None else out,
-                jnp.zeros((), jnp.float32) if loss is None else loss,
-                packed("residual", residual), packed("stash_inputs", stash_inputs), packed("stash_grads", stash_grads),
-                zero_grads)
-
-
-def _branch(op: str, c: int, kind: StageKind, residual_layout: ResidualLayout, param_tree, last: bool, split: bool,
-            M: int, layout: _Layout) -> Callable:
-    """The lax.switch branch running `op` of a stage of kind c."""
-    leaves = jax.tree.leaves
-
-    def sent(out) -> dict:
-        """A forward's output: the last stage's loss is averaged, a hidden state is sent on."""
-        return {"loss": out / M} if last else {"out": out}
-
-    def run(h, x, y, params, residual, stash_inputs, stash_grads, row) -> Emit:
-        p = jax.tree.unflatten(param_tree, [a[row[LOCAL]] for a in params[c]])
-        if op == "Fr":
-            return _emit(layout, c, **sent(forward(kind, p, h, x, y)))
-        if op in ("F", "R"):
-            stash = {}
-            if split:
-                out, vjp_fn, inputs = input_vjp(kind, p, h, x, y)
-                stash = {"stash_inputs": leaves(inputs)}
-            else:
-                out, vjp_fn = full_vjp(kind, p, h, x, y)
-            stored = split_residuals(vjp_fn, p)[1]
-            return _emit(layout, c, residual=stored, **stash, **(sent(out) if op == "F" else {}))
-        if op == "B":
-            stored = layout.residual[c].unpack(residual)
-            vjp_fn = join_residuals(residual_layout, stored, p)
-            g = jnp.asarray(1.0 / M, jnp.float32) if last else h
-            if split:
-                dh, dtaps = vjp_fn(g)
-                return _emit(layout, c, out=dh, stash_grads=leaves(dtaps))
-            dp, dh = vjp_fn(g)
-            return _emit(layout, c, out=dh, grads=leaves(dp))
-        inputs = jax.tree.unflatten(jax.tree.structure(kind.inputs), layout.stash_inputs[c].unpack(stash_inputs))
-        dtaps = jax.tree.unflatten(jax.tree.structure(kind.taps), layout.stash_grads[c].unpack(stash_grads))
-        return _emit(layout, c, grads=leaves(weight_grad(kind, p, inputs, dtaps)))
-
-    return run

@@ -37,6 +37,7 @@ import numpy as np
 from pipesched.executor._compile import slot_bytes
 from pipesched.executor._profile import StageMemory, nbytes
 from pipesched.pipeline import PipelineInstance, memory_timeline
+from pipesched.pipeline._model import RematOption
 
 if TYPE_CHECKING:
     from pipesched.executor._run import Pipeline
@@ -50,13 +51,17 @@ def device_bytes(tree) -> int:
 
 
 def byte_instance(pipeline: Pipeline) -> PipelineInstance:
-    """The schedule's instance with activation, stash and checkpoint sizes in the model's bytes."""
+    """The schedule's instance with activation, stash and checkpoint sizes in the model's bytes:
+    also those of its remat options (the model's, in order) and its wgrad checkpoints (1.4)."""
     inst = pipeline.schedule.instance
     stages = []
     for s, st in enumerate(inst.stages):
         mem = StageMemory(pipeline.model, s, inst.split_backward)
+        options = None if st.remat_options is None else tuple(
+            RematOption(c, option.R) for c, option in zip(mem.checkpoints, st.remat_options))
         stages.append(dataclasses.replace(st, activation=mem.activation, wgrad_stash=mem.stash,
-                                          checkpoint=min(mem.hidden, mem.activation)))
+                                          checkpoint=mem.checkpoints[0], remat_options=options,
+                                          wgrad_checkpoint=mem.wgrad_checkpoint if st.RW is not None else 0))
     return inst.replace(stages=tuple(stages), memory_limit=None)
 
 
@@ -66,11 +71,14 @@ def activation_peaks(pipeline: Pipeline) -> tuple[float, ...]:
 
 
 def pool_bytes(pipeline: Pipeline) -> int:
-    """Bytes of the program's slot pools on every device (hidden, residual, stash), trash slots included."""
+    """Bytes of the program's slot pools on every device (hidden, residual, checkpoint, the two W
+    stash pools), trash slots included."""
     plan = pipeline.program.plan
     size = slot_bytes(plan, pipeline.model)
-    return ((plan.hidden_slots + 1) * size["hidden"] + (max(plan.residual_slots) + 1) * size["residual"]
-            + (max(plan.stash_slots, default=0) + 1) * size["stash"])
+    slots = {"hidden": plan.hidden_slots, "residual": max(plan.residual_slots),
+             "checkpoint": max(plan.checkpoint_slots), "stash_inputs": max(plan.stash_slots, default=0),
+             "stash_grads": max(plan.grad_slots, default=0)}
+    return sum((n + 1) * size[pool] for pool, n in slots.items())
 
 
 def tick_value_bytes(pipeline: Pipeline) -> int:
@@ -79,7 +87,7 @@ def tick_value_bytes(pipeline: Pipeline) -> int:
     plan, model = pipeline.program.plan, pipeline.model
     size = slot_bytes(plan, model)
     grads = sum(nbytes(model.params[plan.kind_of.index(c)]) for c in range(len(plan.kinds)))
-    return size["hidden"] + size["residual"] + size["stash"] + grads + LOSS_BYTES
+    return size["hidden"] + size["residual"] + size["checkpoint"] + size["stash"] + grads + LOSS_BYTES
 
 
 def table_row_bytes(pipeline: Pipeline) -> int:

@@ -3,9 +3,11 @@
 A model is a chain of S stage modules with one signature, `stage(h, x, y) -> out`: the first stage
 reads the microbatch input `x` (tokens or features) and ignores `h`; the others read the hidden state
 `h` of the stage before; the last one returns the microbatch loss against `y`, the others the next
-hidden state. Every parameter is used by an `Affine` op (output linear in its parameters), which
-records its input and adds a zero `Tap` to its output: the gradient of a tap is the op's output
-gradient, so the weight gradient can be computed apart from the input gradient (split backward).
+hidden state. A stage is itself a chain of pieces of that signature (embedding, attention,
+feed-forward, head; or MLP layers), the unit a remat option keeps or recomputes. Every parameter
+is used by an `Affine` op (output linear in its parameters), which records its input and adds a
+zero `Tap` to its output: the gradient of a tap is the op's output gradient, so the weight gradient
+can be computed apart from the input gradient (split backward).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import numpy as np
 from flax import nnx
 
 MODELS = ("gpt-tiny", "mlp")
+REMAT_OPTIONS = {"gpt-tiny": ("input", "attention"), "mlp": ("input",)}
+"""Per model, its remat options (formats.md 1.4) in option order: "input" (option 0) keeps the stage
+input and recomputes every piece; another name is a piece role: the pieces of that role keep their
+VJP residuals and op inputs, the others are recomputed from the outputs of the kept ones."""
 
 
 def _array(values: np.ndarray) -> jax.Array:
@@ -104,68 +110,122 @@ class ModelConfig:
             raise ValueError(f"unknown model {self.name!r}: choose one of {', '.join(MODELS)}")
 
 
-class Block(nnx.Module):
-    """Pre-norm transformer block: causal self-attention then a GELU MLP, both residual."""
+class Embedding(nnx.Module):
+    """The first piece of the first stage: token embedding (ignores `h`)."""
+
+    role = "embed"
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        self.embed = Embed((cfg.microbatch, cfg.seq_len), cfg.vocab, cfg.width, rng)
+
+    def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+        return self.embed(tokens)
+
+
+class Attention(nnx.Module):
+    """Pre-norm causal self-attention, residual: the first half of a transformer block."""
+
+    role = "attention"
 
     def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
         lead, d = (cfg.microbatch, cfg.seq_len), cfg.width
         self.heads = cfg.heads
-        self.norm1, self.norm2 = LayerNorm((*lead, d)), LayerNorm((*lead, d))
+        self.norm = LayerNorm((*lead, d))
         self.qkv = Linear(lead, d, 3 * d, rng)
         self.proj = Linear(lead, d, d, rng)
-        self.up = Linear(lead, d, 4 * d, rng)
-        self.down = Linear(lead, 4 * d, d, rng)
 
-    def __call__(self, h: jax.Array) -> jax.Array:
+    def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
         b, t, d = h.shape
-        q, k, v = jnp.split(self.qkv(self.norm1(h)), 3, axis=-1)
+        q, k, v = jnp.split(self.qkv(self.norm(h)), 3, axis=-1)
         q, k, v = (z.reshape(b, t, self.heads, d // self.heads) for z in (q, k, v))
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / np.sqrt(d // self.heads)
         logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), logits, -1e9)
         att = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
-        h = h + self.proj(att)
-        return h + self.down(jax.nn.gelu(self.up(self.norm2(h))))
+        return h + self.proj(att)
 
 
-class GPTStage(nnx.Module):
-    """A slice of the transformer: [embedding] + `layers` blocks + [final norm, LM head, loss]."""
+class FeedForward(nnx.Module):
+    """Pre-norm GELU MLP, residual: the second half of a transformer block."""
 
-    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rng: np.random.Generator):
-        lead = (cfg.microbatch, cfg.seq_len)
-        self.embed = Embed(lead, cfg.vocab, cfg.width, rng) if first else None
-        self.blocks = nnx.List([Block(cfg, rng) for _ in range(cfg.layers)])
-        self.norm = LayerNorm((*lead, cfg.width)) if last else None
-        self.head = Linear(lead, cfg.width, cfg.vocab, rng) if last else None
+    role = "ffn"
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        lead, d = (cfg.microbatch, cfg.seq_len), cfg.width
+        self.norm = LayerNorm((*lead, d))
+        self.up = Linear(lead, d, 4 * d, rng)
+        self.down = Linear(lead, 4 * d, d, rng)
 
     def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-        if self.embed is not None:
-            h = self.embed(tokens)
-        for block in self.blocks:
-            h = block(h)
-        if self.head is None:
-            return h
-        logits = self.head(self.norm(h))
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        return h + self.down(jax.nn.gelu(self.up(self.norm(h))))
+
+
+class LMHead(nnx.Module):
+    """The last piece of the last stage: final norm, LM head and the mean cross-entropy."""
+
+    role = "head"
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        lead = (cfg.microbatch, cfg.seq_len)
+        self.norm = LayerNorm((*lead, cfg.width))
+        self.head = Linear(lead, cfg.width, cfg.vocab, rng)
+
+    def __call__(self, h: jax.Array, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(self.head(self.norm(h)), axis=-1)
         return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
 
 
-class MLPStage(nnx.Module):
-    """A slice of a residual MLP regressor: `layers` GELU layers, the last stage adds an MSE loss."""
+class Chain(nnx.Module):
+    """A stage: its `pieces` run one after another on (h, x, y). A piece is the unit of
+    rematerialization: a remat option keeps or recomputes whole pieces (`REMAT_OPTIONS`)."""
+
+    def __call__(self, h: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+        for piece in self.pieces:
+            h = piece(h, x, y)
+        return h
+
+
+class GPTStage(Chain):
+    """A slice of the transformer: [embedding] + `layers` blocks (attention, feed-forward) + [head]."""
 
     def __init__(self, cfg: ModelConfig, first: bool, last: bool, rng: np.random.Generator):
-        lead, d = (cfg.microbatch,), cfg.width
-        self.layers = nnx.List([Linear(lead, d, d, rng, gain=0.5) for _ in range(cfg.layers)])
-        self.head = Linear(lead, d, d, rng) if last else None
+        pieces = [Embedding(cfg, rng)] if first else []
+        for _ in range(cfg.layers):
+            pieces += [Attention(cfg, rng), FeedForward(cfg, rng)]
+        self.pieces = nnx.List(pieces + ([LMHead(cfg, rng)] if last else []))
+
+
+class Layer(nnx.Module):
+    """A residual GELU layer of the MLP regressor; the first one of the model reads `x`."""
+
+    role = "layer"
+
+    def __init__(self, cfg: ModelConfig, first: bool, rng: np.random.Generator):
+        self.linear = Linear((cfg.microbatch,), cfg.width, cfg.width, rng, gain=0.5)
         self.first = first
 
     def __call__(self, h: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
-        if self.first:
-            h = x
-        for layer in self.layers:
-            h = h + jax.nn.gelu(layer(h))
-        if self.head is None:
-            return h
+        h = x if self.first else h
+        return h + jax.nn.gelu(self.linear(h))
+
+
+class MSEHead(nnx.Module):
+    """The last piece of the MLP regressor: a linear head and the mean squared error."""
+
+    role = "head"
+
+    def __init__(self, cfg: ModelConfig, rng: np.random.Generator):
+        self.head = Linear((cfg.microbatch,), cfg.width, cfg.width, rng)
+
+    def __call__(self, h: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
         return ((self.head(h) - y) ** 2).mean()
+
+
+class MLPStage(Chain):
+    """A slice of a residual MLP regressor: `layers` GELU layers, the last stage adds an MSE loss."""
+
+    def __init__(self, cfg: ModelConfig, first: bool, last: bool, rng: np.random.Generator):
+        pieces = [Layer(cfg, first and i == 0, rng) for i in range(cfg.layers)]
+        self.pieces = nnx.List(pieces + ([MSEHead(cfg, rng)] if last else []))
 
 
 class StagedModel(NamedTuple):

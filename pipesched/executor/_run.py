@@ -26,7 +26,7 @@ from pipesched.executor._models import (
     reference_grads,
     reference_loss,
 )
-from pipesched.executor._plan import executed_form, make_plan, tick_schedule
+from pipesched.executor._plan import executed_form, make_plan, remat_options, tick_schedule
 from pipesched.pipeline import PipelineInstance, PipelineSchedule, program_of, simulate
 
 REPORT_FORMAT = "pipesched.run-report/1"
@@ -152,7 +152,7 @@ def predicted_times(schedule: PipelineSchedule, timing: PipelineInstance | None)
         num_microbatches=schedule.instance.num_microbatches, split_backward=schedule.instance.split_backward,
         allow_remat=schedule.instance.allow_remat, memory_limit=None)
     retimed = simulate(inst, program_of(schedule)).schedule
-    executed = executed_form(inst, tick_schedule(schedule), schedule.solver)
+    executed = executed_form(inst, tick_schedule(schedule), schedule.solver, remat_options(schedule))
     return retimed.makespan, executed.makespan
 
 
