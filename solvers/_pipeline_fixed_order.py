@@ -91,7 +91,7 @@ def order_candidates(instance: PipelineInstance, program: Program, label: str) -
         S, M = instance.num_stages, instance.num_microbatches
         rw = {(s, m) for s in range(S) if instance.may_recompute_backward(s) for m in range(M)}
         for options in option_choices(instance):
-            every = {(s, m): options[s] for s in range(S - 1) for m in range(M)}
+            every = {(s, m): options[s] for s in range(S) for m in range(M)}
             programs += [with_remat(instance, base, every, set()), with_remat(instance, base, every, rw)]
         programs.append(with_remat(instance, base, {}, rw))
     for candidate in programs:
@@ -141,13 +141,13 @@ def _relieve(instance: PipelineInstance, d: int, times, levels, by_key, remat: d
     """Choose pairs of device d to rematerialize / recompute in the backward pass so that every
     level above the limit, less what the choices save (assuming R just before B and RW just
     before W), fits. Returns how many were added."""
-    limit, last, M = instance.limit(d), instance.num_stages - 1, instance.num_microbatches
+    limit, M = instance.limit(d), instance.num_microbatches
     windows = []  # (release time, start, end, saving, kind, pair): where a choice lowers the level
     for s in instance.stages_of_device[d]:
         st = instance.stages[s]
         option = least_memory_option(instance, s)
         for m in range(M):
-            if s < last and (s, m) not in remat and st.options[option].checkpoint < st.activation:
+            if (s, m) not in remat and st.options[option].checkpoint < st.activation:
                 b = by_key["B", s, m].start
                 windows.append((b, by_key["F", s, m].end, b - st.options[option].R,
                                 st.activation - st.options[option].checkpoint, "R", (s, m, option)))

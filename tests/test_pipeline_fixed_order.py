@@ -115,3 +115,16 @@ def test_every_named_schedule_is_a_fixed_order_made_to_fit_by_remat(name):
     assert result.status in ("feasible", "optimal"), result.status
     validate_pipeline(result.schedule)
     assert fb_order(result.schedule) == fb_order(named.schedule)
+
+
+def test_greedy_fits_gpipe_by_rematerializing_the_last_stage_too():
+    """GPipe keeps every microbatch of the last stage between its F and B: only remat there fits
+    the limit, and the order heuristics (greedy = no CP-SAT) must find it."""
+    stages = tuple(Stage(device=d, F=2, B=2, W=2, activation=4 if d == 2 else 1,
+                         remat_options=(RematOption(0, 2),)) for d in range(3))
+    instance = PipelineInstance(3, 6, stages, split_backward=True, allow_remat=True, memory_limit=8)
+    assert not zoo.zoo_schedule(instance, "gpipe").fits_memory
+    result = solve_pipeline(instance, "greedy", order="gpipe")
+    assert result.status in ("feasible", "optimal")
+    validate_pipeline(result.schedule)
+    assert any(op.op == "R" and op.stage == 2 for op in result.schedule.ops)
