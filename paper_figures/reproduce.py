@@ -21,7 +21,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-FIGURE_MODULES = ["fig_pipeline", "fig_remat", "fig_remat_memory", "fig_placement", "fig_executor"]
+FIGURE_MODULES = ["fig_pipeline", "fig_pipeline_remat", "fig_remat", "fig_remat_memory", "fig_placement", "fig_executor"]
 
 
 def default_shared() -> Path:
