@@ -19,6 +19,9 @@ k <= 2 and M >= 32, as they were before this benchmark first ran ("before", kept
 and again with today's bounds and solvers ("after": greedy, CP-SAT at --gap-time-limit); each
 change is attributed to the bound (new bound / old bound) and to the schedule (old best / new best).
 
+ZB-H1 under tight memory: at the P = 4, M = 16 sweep limits ZB-H1 exceeds on its own, its order
+with optimal remat when RW is allowed and with R only (CP-SAT, twice the sweep's time limit).
+
 Resumable: rows already in experiments/results/bench_pipeline_remat.json are skipped. Writes
 bench_pipeline_remat.json and .md.
 """
@@ -26,6 +29,7 @@ bench_pipeline_remat.json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -106,6 +110,27 @@ def run_sweep_method(instance: PipelineInstance, method: str, time_limit: float)
             "solve_time_s": result.solve_time, "R_per_option": options,
             "RW": sum(op.op == "RW" for op in schedule.ops), "binding_bound": b.binding,
             "combinatorial_bound": b.best}
+
+
+def run_rw_row(instance: PipelineInstance, time_limit: float) -> dict:
+    """ZB-H1's order with its optimal remat, with RW allowed and with R only (RW keys dropped)."""
+    r_only = instance.replace(stages=tuple(dataclasses.replace(st, RW=None) for st in instance.stages))
+    row = {"instance": instance.name, "memory_limit": instance.limit(0)}
+    for label, inst in (("rw", instance), ("r_only", r_only)):
+        result = solve_pipeline(inst, "cpsat", order="zb-h1", time_limit=time_limit)
+        feasible = result.status in ("optimal", "feasible")
+        row[label] = {"makespan": result.objective if feasible else None, "status": result.status,
+                      "order_lower_bound": result.schedule.order_lower_bound,
+                      "RW": sum(op.op == "RW" for op in result.schedule.ops)}
+    return row
+
+
+def rw_instances(quick: bool) -> list[PipelineInstance]:
+    """The P = 4 sweep instances (M = 16; quick: 8) whose limit ZB-H1 exceeds without remat."""
+    M = 8 if quick else 16
+    out = [sweep_instance(4, M, costs, limit) for costs in ("uniform", "transformer")
+           for limit in sweep_limits(4, M, costs)[:-1]]
+    return [i for i in out if not zoo.zoo_schedule(i, "zb-h1").fits_memory]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +246,16 @@ def gap_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def rw_lines(rows: list[dict]) -> list[str]:
+    lines = ["| instance | limit | with RW | RW ops | order bound | R only | order bound |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def show(x: dict) -> str:
+            return "none found" if x["makespan"] is None else f"{x['makespan']:g}"
+        lines.append(f"| {r['instance']} | {r['memory_limit']:g} | {show(r['rw'])} | {r['rw']['RW']} | "
+                     f"{r['rw']['order_lower_bound']:g} | {show(r['r_only'])} | {r['r_only']['order_lower_bound']:g} |")
+    return lines
+
+
 def write_markdown(results: dict, path: Path) -> None:
     text = ["# Pipeline remat benchmark", "",
             "## Memory sweep", "",
@@ -228,6 +263,9 @@ def write_markdown(results: dict, path: Path) -> None:
             "schedule's order with its optimal remat (CP-SAT, order fixed); binding: the bound that gives",
             "the best bound; best named: the named order of least makespan at that limit.", "",
             *sweep_lines(results["sweep"]), "",
+            "## ZB-H1 under tight memory: optimal remat with RW vs R only", "",
+            "`--fix-order zb-h1` at the limits ZB-H1 exceeds on its own ('none found': no schedule keeping",
+            "the order within the time limit).", "", *rw_lines(results["rw"]), "",
             "## Multi-wave gap table", "", *gap_lines(results["gap"])]
     atomic_write(path, "\n".join(text) + "\n")
 
@@ -258,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_pipeline_remat.json")
     args = parser.parse_args(argv)
     time_limit = args.time_limit or (2.0 if args.quick else 5.0)
-    results = read_results(args.out, {"sweep": [], "gap": [], "before": []},
-                           valid=lambda r: {"sweep", "gap", "before"} <= set(r))
+    results = read_results(args.out, {"sweep": [], "gap": [], "before": [], "rw": []},
+                           valid=lambda r: {"sweep", "gap", "before", "rw"} <= set(r))
 
     def save(results: dict) -> None:
         write_json(results, args.out)
@@ -273,6 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
             results["gap"].append(run_gap_row(before, args.gap_time_limit))
             save(results)
     run_sweep(results, args.quick, time_limit, save)
+    done = {r["instance"] for r in results["rw"]}
+    for instance in tqdm([i for i in rw_instances(args.quick) if i.name not in done], desc="zb-h1 RW vs R", unit="limit"):
+        results["rw"].append(run_rw_row(instance, 2 * time_limit))
+        save(results)
     save(results)
     print("\n".join(gap_lines(results["gap"])[-2:]))
     return results

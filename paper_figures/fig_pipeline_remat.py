@@ -6,11 +6,13 @@ Remat options ("keep block inputs only", "keep attention outputs") and backward-
 remat (CP-SAT with the order fixed) and greedy and CP-SAT schedule freely; each makespan is
 divided by the best proven lower bound at that limit. The background shades the limits by the
 named order that wins there: where the shade changes, the best schedule changes with memory.
-Rows are computed with experiments/bench_pipeline_remat.py's `run_sweep_method`.
+Rows come from experiments/bench_pipeline_remat.py's results, or are computed with its
+`run_sweep_method` when they are absent.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -21,9 +23,11 @@ import matplotlib.pyplot as plt
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-from bench_pipeline_remat import NAMED, run_sweep_method, sweep_instance, sweep_limits, sweep_methods
+from bench_pipeline_remat import NAMED, RESULTS as RESULTS_DIR, run_sweep_method, sweep_instance, sweep_limits, sweep_methods
 
-from pipesched._common import atomic_target
+from pipesched._common import atomic_target, read_results
+
+RESULTS = RESULTS_DIR / "bench_pipeline_remat.json"
 
 COLORS = {name: f"C{i}" for i, name in enumerate(NAMED)} | {"greedy": "tab:blue", "cpsat": "black"}
 
@@ -37,7 +41,7 @@ def sweep(P: int, M: int, costs: str, time_limit: float) -> list[dict]:
 
 
 def _panel(ax, rows: list[dict], title: str) -> None:
-    limits = list(dict.fromkeys(r["memory_limit"] for r in rows))
+    limits = sorted({r["memory_limit"] for r in rows}, key=lambda v: math.inf if v is None else v)
     x_of = {limit: i for i, limit in enumerate(limits)}
     bound = {}
     for r in rows:
@@ -50,10 +54,11 @@ def _panel(ax, rows: list[dict], title: str) -> None:
                 best[r["memory_limit"]] = (r["makespan"], name)
     for limit, (_, name) in best.items():
         ax.axvspan(x_of[limit] - 0.5, x_of[limit] + 0.5, color=COLORS[name], alpha=0.12, linewidth=0)
-    for method in dict.fromkeys(r["method"] for r in rows):
+    present = {r["method"] for r in rows}
+    for method in (m for m in (*(f"{n}+remat" for n in NAMED), "greedy", "cpsat") if m in present):
         name = method.removesuffix("+remat")
-        points = [(x_of[r["memory_limit"]], r["makespan"] / bound[r["instance"]]) for r in rows
-                  if r["method"] == method and r["makespan"] is not None]
+        points = sorted((x_of[r["memory_limit"]], r["makespan"] / bound[r["instance"]]) for r in rows
+                        if r["method"] == method and r["makespan"] is not None)
         if points:
             solver = name in ("greedy", "cpsat")
             ax.plot(*zip(*points), color=COLORS[name], marker="o" if solver else "s", label=method,
@@ -84,9 +89,23 @@ def plot(panels: list[tuple[str, list[dict]]], path: Path) -> Path:
     return path
 
 
+def stored(P: int, M: int, costs: str) -> list[dict]:
+    """The benchmark's sweep rows of (P, M, costs), if it has them all (else [])."""
+    results = read_results(RESULTS, {"sweep": []})
+    names = {sweep_instance(P, M, costs, limit).name for limit in sweep_limits(P, M, costs)}
+    rows = [r for r in results.get("sweep", []) if r["instance"] in names]
+    return rows if {r["instance"] for r in rows} == names else []
+
+
 def make_figures(out_dir: Path, quick: bool) -> list[Path]:
-    P, M, time_limit = (4, 8, 1.0) if quick else (8, 16, 10.0)
-    panels = [(f"{costs} stages, P={P}, M={M}", sweep(P, M, costs, time_limit)) for costs in ("uniform", "transformer")]
+    """From experiments/results/bench_pipeline_remat.json when it has the sweep (P = 4, M = 16
+    quick; P = 8, M = 16 full), else computed here (quick: P = 4, M = 8 at 1 s per CP-SAT run)."""
+    P, M = (4, 16) if quick else (8, 16)
+    panels = []
+    for costs in ("uniform", "transformer"):
+        rows = stored(P, M, costs)
+        p, m = (P, M) if rows else ((4, 8) if quick else (P, M))
+        panels.append((f"{costs} stages, P={p}, M={m}", rows or sweep(p, m, costs, 1.0 if quick else 10.0)))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return [plot(panels, Path(out_dir) / "pipeline_remat_crossover.png")]
 
