@@ -114,7 +114,9 @@ def _solve(args: argparse.Namespace) -> int:
     if extra and result.order_lower_bound is not None:
         print(f"order {args.fix_order}: lower bound {result.order_lower_bound:g} for every schedule keeping it")
     if extra and result.status == "unknown" and not result.interrupted:
-        print(f"order {args.fix_order}: no schedule keeping it fits the memory limit within the time limit")
+        proof = solvers.order_infeasibility_proof(instance, args.fix_order)
+        print(f"order {args.fix_order}: " + (f"no schedule keeping it fits the memory limit: {proof}" if proof else
+                                             "no schedule keeping it fits the memory limit within the time limit"))
     if result.status == "infeasible" and args.kind == "pipeline":
         print(f"infeasible: {solvers.infeasibility_proof(instance)}")
     if args.out:

@@ -10,7 +10,7 @@ from pipesched.solvers._result import Result
 
 _MODULE_OF = {
     "MemoryLimitError": "pipesched.solvers.pipeline", "infeasibility_proof": "pipesched.solvers.pipeline",
-    "solve_pipeline": "pipesched.solvers.pipeline",
+    "solve_pipeline": "pipesched.solvers.pipeline", "order_infeasibility_proof": "pipesched.solvers.pipeline",
     "solve_placement": "pipesched.solvers.placement", "transfers": "pipesched.solvers.placement",
     "solve_remat": "pipesched.solvers.remat",
 }

@@ -30,6 +30,7 @@ from pipesched.pipeline import (
     simulate,
     zoo,
 )
+from pipesched.pipeline.bounds import least_checkpoint
 
 Order = str | Path | Program | PipelineSchedule
 
@@ -58,6 +59,46 @@ def resolve_order(instance: PipelineInstance, order: Order) -> tuple[Program, st
     except FormatError as err:
         raise FormatError(f"fix-order {label}: {err}") from None
     return program, label
+
+
+def order_memory_needs(instance: PipelineInstance, program: Program) -> list[float]:
+    """Per device, the least peak memory of any schedule that keeps `program`'s F/B/W order.
+
+    On one device the order is the time order. Between F(s, m) and B(s, m) a pair holds at least
+    least_checkpoint(s), and between B(s, m) and W(s, m) at least its wgrad_checkpoint when it
+    may recompute in the backward pass (else its wgrad_stash). F(s, m) starts by adding
+    activation(s), B(s, m) starts with all of it back (an R restores it), W(s, m) with all of
+    wgrad_stash(s) (an RW restores it): the level at each such start is at least what the pairs
+    before it in the order, and not yet released in it, still hold.
+    """
+    needs = []
+    for row in strip_remat(program):
+        held, need = 0.0, 0.0
+        for a in row:
+            st = instance.stages[a.stage]
+            kept = least_checkpoint(instance, a.stage)
+            stash = st.wgrad_checkpoint if instance.may_recompute_backward(a.stage) else st.wgrad_stash
+            stash = stash if instance.split_backward else 0.0
+            if a.op == "F":
+                need = max(need, held + st.activation)
+                held += kept
+            elif a.op == "B":
+                need = max(need, held - kept + st.activation)
+                held += stash - kept
+            else:
+                need = max(need, held - stash + st.wgrad_stash)
+                held -= stash
+        needs.append(need)
+    return needs
+
+
+def order_infeasibility(instance: PipelineInstance, program: Program, label: str) -> str | None:
+    """Why no schedule keeping the order fits the memory limit (None when that is not proven)."""
+    out = [f"device {d}: order {label} needs at least {need:g} memory (every pair rematerialized with its "
+           f"least checkpoint) > limit {instance.limit(d):g}"
+           for d, need in enumerate(order_memory_needs(instance, program))
+           if instance.limit(d) is not None and not approx_le(need, instance.limit(d))]
+    return "; ".join(out) or None
 
 
 def strip_remat(program: Program) -> Program:

@@ -12,7 +12,13 @@ from collections.abc import Iterable, Iterator
 
 from pipesched.solvers._interrupt import Deadline
 from pipesched.solvers._pipeline_cpsat import solve_cpsat
-from pipesched.solvers._pipeline_fixed_order import Order, order_candidates, resolve_order, strip_remat
+from pipesched.solvers._pipeline_fixed_order import (
+    Order,
+    order_candidates,
+    order_infeasibility,
+    resolve_order,
+    strip_remat,
+)
 from pipesched.solvers._pipeline_greedy import (
     REMAT_MODES,
     least_memory_option,
@@ -56,6 +62,13 @@ def infeasibility_proof(instance: PipelineInstance) -> str | None:
     return "; ".join(f"device {d} needs at least {need:g} memory (one microbatch's activations"
                      f"{' with every stage rematerialized' if instance.allow_remat else ''}) > limit {limit:g}"
                      for d, need, limit in bad)
+
+
+def order_infeasibility_proof(instance: PipelineInstance, order: Order) -> str | None:
+    """Why no schedule keeping `order` (as in `solve_pipeline(..., order=)`) fits the memory
+    limit, or None when that is not proven (`_pipeline_fixed_order.order_memory_needs`)."""
+    program, label = resolve_order(instance, order)
+    return order_infeasibility(instance, program, label)
 
 
 def sequential_program(instance: PipelineInstance) -> Program:
@@ -160,7 +173,8 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
     CSV or schedule JSON path, a Program or a PipelineSchedule — and choose only the remat
     (options, RW) and the timing: greedy takes the best heuristic, CP-SAT the optimum. The result
     then also carries `order_lower_bound`, proven for that order only (`lower_bound` stays the
-    instance's); "unknown" (no ops) when no schedule keeps the order within the memory limit.
+    instance's); "unknown" (no ops) when no schedule keeps the order within the memory limit
+    (at once when `order_infeasibility_proof` proves it).
     """
     t0 = time.perf_counter()
     if solver not in PIPELINE_SOLVERS:
@@ -206,6 +220,9 @@ def _solve_fixed_order(instance: PipelineInstance, order: Order, solver: str, bo
     """`solve_pipeline(..., order=...)`: heuristics that keep the order, then CP-SAT with it fixed."""
     program, label = resolve_order(instance, order)
     name = f"{solver}:order={label}"
+    if order_infeasibility(instance, program, label) is not None:
+        return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=name,
+                                                solve_time_s=time.perf_counter() - t0))
     deadline = Deadline(time_limit, t0)
     candidates: list[Simulation] = []
     try:

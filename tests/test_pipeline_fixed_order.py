@@ -3,7 +3,10 @@
 import json
 
 import pytest
-from pipesched.solvers import solve_pipeline
+from hypothesis import given, settings
+from pipesched.solvers import order_infeasibility_proof, solve_pipeline
+from pipesched.solvers._pipeline_fixed_order import order_candidates, order_memory_needs
+from test_pipeline_bounds import multi_wave_instances
 
 from pipesched._common import FormatError, approx_le
 from pipesched.cli import main
@@ -128,3 +131,37 @@ def test_greedy_fits_gpipe_by_rematerializing_the_last_stage_too():
     assert result.status in ("feasible", "optimal")
     validate_pipeline(result.schedule)
     assert any(op.op == "R" and op.stage == 2 for op in result.schedule.ops)
+
+
+@settings(max_examples=30, deadline=None)
+@given(multi_wave_instances())
+def test_order_memory_need_is_below_every_schedule_that_keeps_the_order(instance):
+    """order_memory_needs is a lower bound on the peak of every schedule keeping the order: here
+    every fitting heuristic and the CP-SAT optimum for 1F1B-like orders of the placement."""
+    for name in zoo.ZOO:
+        if not zoo.supports(name, instance):
+            continue
+        program = zoo.ZOO[name](instance)
+        needs = order_memory_needs(instance, program)
+        free = instance.replace(memory_limit=None)
+        for candidate in [zoo.zoo_schedule(free, name), *order_candidates(instance, program, name)]:
+            peaks = candidate.memory.peaks
+            assert all(approx_le(need, peak) for need, peak in zip(needs, peaks)), (name, needs, peaks)
+
+
+def test_an_order_that_cannot_fit_is_refused_at_once_with_its_need(tmp_path, capsys):
+    """Just above the one-microbatch minimum, ZB-H1's warm-up alone keeps more than fits."""
+    stages = tuple(Stage(device=d, F=4, B=4, W=4, activation=4, wgrad_stash=2,
+                         remat_options=(RematOption(1, 4), RematOption(2, 3)), RW=1) for d in range(4))
+    instance = PipelineInstance(4, 8, stages, split_backward=True, allow_remat=True)
+    need = max(min_memory_need(instance, d) for d in range(instance.num_devices))
+    instance = instance.replace(memory_limit=need + 0.5)  # ZB-H1 keeps 3 checkpoints of 1 beside an F
+    proof = order_infeasibility_proof(instance, "zb-h1")
+    assert proof is not None and "device 0" in proof
+    result = solve_pipeline(instance, "cpsat", order="zb-h1", time_limit=30)
+    assert result.status == "unknown" and result.solve_time < 5
+    path = tmp_path / "i.json"
+    instance.save(path)
+    assert main(["solve", "pipeline", str(path), "--fix-order", "zb-h1", "--quiet"]) == 0
+    assert "needs at least" in capsys.readouterr().out
+    assert solve_pipeline(instance, "cpsat", time_limit=5).status in ("feasible", "optimal")
