@@ -109,8 +109,9 @@ def greedy_candidates(instance: PipelineInstance, deadline: Deadline | None = No
                     for options in (option_choices(instance) if mode != "never" else [None])]
     rules = make_rules(instance)
     large = _num_ops(instance) > LARGE_OPS
-    if large:
-        rules = [r for r in rules if r.name in ("zero-bubble", "backward-first")]
+    if large:  # the two strongest rules, the one that is more often optimal first
+        strongest = ("zero-bubble", "backward-first") if instance.split_backward else ("backward-first", "zero-bubble")
+        rules = sorted((r for r in rules if r.name in strongest), key=lambda r: strongest.index(r.name))
     for rule in rules:
         for mode, options, rw in variants:
             program = list_schedule(instance, rule, remat=mode, options=options, backward_recompute=rw)
@@ -134,13 +135,18 @@ def zoo_candidates(instance: PipelineInstance) -> Iterator[Simulation]:
                 yield from order_candidates(instance, zoo.ZOO[name](instance), name)
 
 
-def _collect(candidates: Iterable[Simulation], into: list[Simulation], deadline: Deadline) -> None:
-    """Append candidates to `into` until they run out or the deadline passes (each candidate
-    is kept as soon as it is complete, so a Ctrl-C that ends this loop loses none)."""
+def _collect(candidates: Iterable[Simulation], into: list[Simulation], deadline: Deadline,
+             bound: float | None = None) -> bool:
+    """Append candidates to `into` until they run out, the deadline passes or one meets `bound`
+    (then it is optimal: returns True). Each candidate is kept as soon as it is complete, so a
+    Ctrl-C that ends this loop loses none."""
     for candidate in candidates:
         into.append(candidate)
+        if bound is not None and approx_le(candidate.schedule.makespan, bound):
+            return True
         if deadline.passed():
-            return
+            return False
+    return False
 
 
 def _finish(schedule: PipelineSchedule, solver: str, bound: float, t0: float, interrupted: bool = False,
@@ -165,7 +171,7 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
     - "cpsat": CP-SAT warm-started from the best greedy or zoo schedule (never worse than any of
       them), for at most `time_limit` seconds in all.
     "greedy" and "cpsat" stop trying candidates once `time_limit` has passed (at least one is
-    tried). Ctrl-C returns the best schedule so far (or "unknown" before any), with its proven
+    tried) or once one meets the lower bound (it is optimal). Ctrl-C returns the best schedule so far (or "unknown" before any), with its proven
     bound, as a Result with `interrupted` set.
     An instance whose memory limits no schedule can meet returns status "infeasible" (no ops;
     `infeasibility_proof` says why).
@@ -198,11 +204,11 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
     deadline = Deadline(time_limit, t0)
     candidates: list[Simulation] = []
     try:
-        _collect(greedy_candidates(instance, deadline), candidates, deadline)
+        optimal = _collect(greedy_candidates(instance, deadline), candidates, deadline, bound)
         if not candidates:
             candidates.append(simulate(instance, sequential_program(instance), solver="greedy"))
-        if solver == "cpsat" and not deadline.passed():
-            _collect(zoo_candidates(instance), candidates, deadline)
+        if solver == "cpsat" and not optimal and not deadline.passed():
+            _collect(zoo_candidates(instance), candidates, deadline, bound)
     except KeyboardInterrupt:
         if not candidates:
             return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=solver,
