@@ -3,7 +3,9 @@ recompute, and the multi-wave gap table.
 
     python experiments/bench_pipeline_remat.py [--quick] [--time-limit S] [--gap-time-limit S]
 
-Order: the gap table, then the sweep. Memory sweep: P in {4, 8}, M in {16, 32} (quick: P = 4, M = 8), split backward, one stage per
+Order: the gap table, the P = 8 / 16 rows, the sweep, ZB-H1 with RW vs R only.
+
+Memory sweep: P in {4, 8}, M in {16, 32} (quick: P = 4, M = 8), split backward, one stage per
 device, remat allowed with two options per stage ("keep block inputs only": checkpoint 0.1 of the
 activation, R = F; "keep attention outputs": checkpoint 0.4, R = 0.6 F) and RW = 0.6 F keeping
 0.1 of the activation between B and RW (wgrad_stash 0.5). Stage costs "uniform" (F = B = W = 10,
@@ -18,6 +20,9 @@ Multi-wave gap table: the interleaved / V rows of experiments/results/bench_pipe
 k <= 2 and M >= 32, as they were before this benchmark first ran ("before", kept in the results),
 and again with today's bounds and solvers ("after": greedy, CP-SAT at --gap-time-limit); each
 change is attributed to the bound (new bound / old bound) and to the schedule (old best / new best).
+
+Multi-wave rows at P = 8 and 16 (not in bench_pipeline.json): greedy against the combinatorial
+bounds.
 
 ZB-H1 under tight memory: at the P = 4, M = 16 sweep limits ZB-H1 exceeds on its own, its order
 with optimal remat when RW is allowed and with R only (CP-SAT, twice the sweep's time limit).
@@ -176,6 +181,20 @@ def run_gap_row(before: dict, time_limit: float) -> dict:
             "time_limit_s": time_limit}
 
 
+def wider_instances() -> list[PipelineInstance]:
+    """The multi-wave family rows bench_pipeline.json lacks: P = 8 and 16, M in {32, 64}, k <= 2."""
+    return [family_instance(P, M, k, costs, layout, split) for P in (8, 16) for M in (32, 64) for k in (1, 2)
+            for costs in ("uniform", "heterogeneous") for layout, split in (("interleaved", False), ("v", True))]
+
+
+def run_wider_row(instance: PipelineInstance, time_limit: float) -> dict:
+    """Greedy (paced schedules included) against the combinatorial bounds, no CP-SAT."""
+    b = bounds(instance)
+    greedy = solve_pipeline(instance, "greedy", time_limit=time_limit)
+    return {"instance": instance.name, "greedy": greedy.objective, "bound": b.best, "binding_bound": b.binding,
+            "greedy_s": greedy.solve_time}
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 
@@ -256,6 +275,17 @@ def rw_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def wider_lines(rows: list[dict]) -> list[str]:
+    lines = ["| instance | greedy | bound | ratio | binding | greedy s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['instance']} | {r['greedy']:g} | {r['bound']:g} | {r['greedy'] / r['bound']:.3f} | "
+              f"{r['binding_bound']} | {r['greedy_s']:.1f} |" for r in rows]
+    for P in (8, 16):
+        chosen = [r["greedy"] / r["bound"] for r in rows if r["instance"].startswith(f"gen-P{P}-")]
+        if chosen:
+            lines.append(f"\nP = {P} ({len(chosen)} rows): geometric mean greedy / bound {geomean(chosen):.3f}")
+    return lines
+
+
 def write_markdown(results: dict, path: Path) -> None:
     text = ["# Pipeline remat benchmark", "",
             "## Memory sweep", "",
@@ -266,7 +296,10 @@ def write_markdown(results: dict, path: Path) -> None:
             "## ZB-H1 under tight memory: optimal remat with RW vs R only", "",
             "`--fix-order zb-h1` at the limits ZB-H1 exceeds on its own ('none found': no schedule keeping",
             "the order within the time limit).", "", *rw_lines(results["rw"]), "",
-            "## Multi-wave gap table", "", *gap_lines(results["gap"])]
+            "## Multi-wave gap table", "", *gap_lines(results["gap"]), "",
+            "## Multi-wave rows at P = 8 and 16 (greedy alone, combinatorial bounds)", "",
+            "The same family at the P that bench_pipeline.json does not hold; no CP-SAT (it could only",
+            "improve both columns).", "", *wider_lines(results["wider"])]
     atomic_write(path, "\n".join(text) + "\n")
 
 
@@ -296,8 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_pipeline_remat.json")
     args = parser.parse_args(argv)
     time_limit = args.time_limit or (2.0 if args.quick else 5.0)
-    results = read_results(args.out, {"sweep": [], "gap": [], "before": [], "rw": []},
-                           valid=lambda r: {"sweep", "gap", "before", "rw"} <= set(r))
+    results = read_results(args.out, {"sweep": [], "gap": [], "before": [], "rw": [], "wider": []},
+                           valid=lambda r: {"sweep", "gap", "before", "rw", "wider"} <= set(r))
 
     def save(results: dict) -> None:
         write_json(results, args.out)
@@ -309,6 +342,10 @@ def main(argv: list[str] | None = None) -> dict:
         done = {r["instance"] for r in results["gap"]}
         for before in tqdm([b for b in results["before"] if b["instance"] not in done], desc="gap table", unit="row"):
             results["gap"].append(run_gap_row(before, args.gap_time_limit))
+            save(results)
+        done = {r["instance"] for r in results["wider"]}
+        for instance in tqdm([i for i in wider_instances() if i.name not in done], desc="P = 8, 16", unit="row"):
+            results["wider"].append(run_wider_row(instance, args.gap_time_limit))
             save(results)
     run_sweep(results, args.quick, time_limit, save)
     done = {r["instance"] for r in results["rw"]}
