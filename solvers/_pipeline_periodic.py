@@ -17,9 +17,16 @@ from collections.abc import Iterator
 
 from pipesched.solvers._interrupt import Deadline
 
-from pipesched._common import approx_le
-from pipesched.pipeline import Action, Op, PipelineInstance, PipelineSchedule, Simulation, memory_timeline, simulate
-from pipesched.pipeline._program import DeadlockError
+from pipesched.pipeline import (
+    Action,
+    DeadlockError,
+    Op,
+    PipelineInstance,
+    PipelineSchedule,
+    Simulation,
+    simulate,
+    simulation_of,
+)
 
 GRID = 16  # periods tried between the work bound and one microbatch's full chain
 REFINE = 6  # bisection steps between the last period that did not fit and the first that did
@@ -81,15 +88,6 @@ def paced_ops(instance: PipelineInstance, period: float, inline_w: bool, group: 
     return ops
 
 
-def _simulation(instance: PipelineInstance, ops: list[Op], solver: str) -> Simulation:
-    schedule = PipelineSchedule.from_ops(instance, ops, lower_bound=None, status="feasible", solver=solver,
-                                         solve_time_s=0.0)
-    timeline = memory_timeline(instance, schedule.ops)
-    fits = all(instance.limit(d) is None or approx_le(peak, instance.limit(d))
-               for d, peak in enumerate(timeline.peaks))
-    return Simulation(schedule, timeline, fits)
-
-
 def _compacted(instance: PipelineInstance, schedule: PipelineSchedule, solver: str) -> Simulation | None:
     """The same per-device order timed earliest-start (None when that no longer fits)."""
     rows: list[list[Action]] = [[] for _ in range(instance.num_devices)]
@@ -145,7 +143,7 @@ def _scan(instance: PipelineInstance, lo: float, hi: float, inline_w: bool, grou
     def attempt(p: float) -> bool:
         if deadline is not None and deadline.passed():
             raise TimeoutError
-        result = _simulation(instance, paced_ops(instance, p, inline_w, group), solver)
+        result = simulation_of(instance, paced_ops(instance, p, inline_w, group), solver)
         if result.fits_memory:
             fits[p] = result
         return result.fits_memory

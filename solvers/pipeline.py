@@ -149,6 +149,14 @@ def _collect(candidates: Iterable[Simulation], into: list[Simulation], deadline:
     return False
 
 
+def _unknown(instance: PipelineInstance, bound: float, solver: str, t0: float, interrupted: bool = False,
+             order_bound: float | None = None) -> Result:
+    """No schedule found (yet): status "unknown", no ops, with the bounds proven so far."""
+    return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=solver,
+                                            solve_time_s=time.perf_counter() - t0, order_lower_bound=order_bound),
+                     interrupted=interrupted)
+
+
 def _finish(schedule: PipelineSchedule, solver: str, bound: float, t0: float, interrupted: bool = False,
             order_bound: float | None = None) -> Result:
     status = "optimal" if approx_le(schedule.makespan, bound) else "feasible"
@@ -171,8 +179,8 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
     - "cpsat": CP-SAT warm-started from the best greedy or zoo schedule (never worse than any of
       them), for at most `time_limit` seconds in all.
     "greedy" and "cpsat" stop trying candidates once `time_limit` has passed (at least one is
-    tried) or once one meets the lower bound (it is optimal). Ctrl-C returns the best schedule so far (or "unknown" before any), with its proven
-    bound, as a Result with `interrupted` set.
+    tried) or once one meets the lower bound (it is optimal). Ctrl-C returns the best schedule
+    so far (or "unknown" before any), with its proven bound, as a Result with `interrupted` set.
     An instance whose memory limits no schedule can meet returns status "infeasible" (no ops;
     `infeasibility_proof` says why).
     `order` (solver "cpsat" or "greedy"): keep this per-device F/B/W order — a zoo name, a program
@@ -211,8 +219,7 @@ def solve_pipeline(instance: PipelineInstance, solver: str = "cpsat", *, time_li
             _collect(zoo_candidates(instance), candidates, deadline, bound)
     except KeyboardInterrupt:
         if not candidates:
-            return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=solver,
-                                                    solve_time_s=time.perf_counter() - t0), interrupted=True)
+            return _unknown(instance, bound, solver, t0, interrupted=True)
         return _finish(min(candidates, key=lambda r: r.schedule.makespan).schedule, solver, bound, t0, True)
     best = min(candidates, key=lambda r: r.schedule.makespan).schedule
     if solver == "greedy" or approx_le(best.makespan, bound) or _num_ops(instance) > CPSAT_MAX_OPS \
@@ -227,8 +234,7 @@ def _solve_fixed_order(instance: PipelineInstance, order: Order, solver: str, bo
     program, label = resolve_order(instance, order)
     name = f"{solver}:order={label}"
     if order_infeasibility(instance, program, label) is not None:
-        return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=name,
-                                                solve_time_s=time.perf_counter() - t0))
+        return _unknown(instance, bound, name, t0)
     deadline = Deadline(time_limit, t0)
     candidates: list[Simulation] = []
     try:
@@ -236,13 +242,11 @@ def _solve_fixed_order(instance: PipelineInstance, order: Order, solver: str, bo
     except KeyboardInterrupt:
         if candidates:
             return _finish(min(candidates, key=lambda r: r.schedule.makespan).schedule, name, bound, t0, True, bound)
-        return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=name,
-                                                solve_time_s=time.perf_counter() - t0), interrupted=True)
+        return _unknown(instance, bound, name, t0, interrupted=True)
     best = min(candidates, key=lambda r: r.schedule.makespan).schedule if candidates else None
     if solver == "greedy" or deadline.passed() or _num_ops(instance) > CPSAT_MAX_OPS:
         if best is None:
-            return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=name,
-                                                    solve_time_s=time.perf_counter() - t0))
+            return _unknown(instance, bound, name, t0)
         return _finish(best, name, bound, t0, order_bound=bound)
     return _improve_with_cpsat(instance, best, bound, deadline, workers, seed, progress, t0,
                                order=strip_remat(program), name=name)
@@ -276,7 +280,5 @@ def _improve_with_cpsat(instance: PipelineInstance, best: PipelineSchedule | Non
             best = found.schedule
     interrupted = outcome is None or outcome.interrupted
     if best is None:
-        return Result.of(PipelineSchedule.empty(instance, status="unknown", lower_bound=bound, solver=name,
-                                                solve_time_s=time.perf_counter() - t0,
-                                                order_lower_bound=order_bound), interrupted=interrupted)
+        return _unknown(instance, bound, name, t0, interrupted, order_bound)
     return _finish(best, name, bound, t0, interrupted, order_bound)

@@ -198,8 +198,14 @@ def simulate(instance: PipelineInstance, program: Program | Iterable[Iterable[Ac
                for d in range(instance.num_devices) if pointer[d] < len(program[d])]
     if blocked:
         raise DeadlockError(blocked)
-    schedule = PipelineSchedule.from_ops(instance, list(done.values()), lower_bound=None, status="feasible",
-                                         solver=solver, solve_time_s=time.perf_counter() - t0)
+    return simulation_of(instance, list(done.values()), solver, time.perf_counter() - t0)
+
+
+def simulation_of(instance: PipelineInstance, ops: Iterable[Op], solver: str, solve_time_s: float = 0.0
+                  ) -> Simulation:
+    """Timed ops as a "feasible" schedule, with their memory and whether it fits the limits."""
+    schedule = PipelineSchedule.from_ops(instance, list(ops), lower_bound=None, status="feasible",
+                                         solver=solver, solve_time_s=solve_time_s)
     timeline = memory_timeline(instance, schedule.ops)
     fits = all(instance.limit(d) is None or approx_le(peak, instance.limit(d))
                for d, peak in enumerate(timeline.peaks))
